@@ -1,0 +1,4 @@
+"Everything a user needs: `from fastai_memmap.all import *`"
+from fastai_memmap.errors import *
+from fastai_memmap.store import *
+from fastai_memmap.write import *
