@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #1afd67c1
+# %% ../nbs/02_store.ipynb #2f5edfba
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #a31b7176
+# %% ../nbs/02_store.ipynb #f52083fb
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #7e1106e7
+# %% ../nbs/02_store.ipynb #ac6ac1d4
 _ADVICE = {'normal': 'MADV_NORMAL', 'random': 'MADV_RANDOM', 'sequential': 'MADV_SEQUENTIAL', 'willneed': 'MADV_WILLNEED'}
 
 def _madvise(a, advice):
@@ -25,13 +25,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #e75f1cea
+# %% ../nbs/02_store.ipynb #c860f30d
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #f8a7dae4
+# %% ../nbs/02_store.ipynb #3429d9e2
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
