@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #f78574a9
+# %% ../nbs/04_data.ipynb #05094335
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -21,11 +21,11 @@ from fastcore.foundation import L
 from .errors import *
 from .store import MemmapStore
 
-# %% ../nbs/04_data.ipynb #05f62eb3
+# %% ../nbs/04_data.ipynb #4b6d59b5
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #7312bb1b
+# %% ../nbs/04_data.ipynb #efb13ec0
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -38,7 +38,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/04_data.ipynb #5c6e05de
+# %% ../nbs/04_data.ipynb #8d3f5b27
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -56,7 +56,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/04_data.ipynb #ac819c75
+# %% ../nbs/04_data.ipynb #58490580
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -67,7 +67,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/04_data.ipynb #14541fba
+# %% ../nbs/04_data.ipynb #de0cead7
 def _norm01(a):
     lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else a * 0
@@ -89,14 +89,14 @@ class TensorMemmap(TensorBase):
         if title is not None: ax.set_title(title)
         return ax
 
-# %% ../nbs/04_data.ipynb #51a9f259
+# %% ../nbs/04_data.ipynb #2e01afaa
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/04_data.ipynb #2e3bd797
+# %% ../nbs/04_data.ipynb #b4a48842
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -130,7 +130,7 @@ def _target_fn(tl):
         return lambda idx: torch.from_numpy(np.ascontiguousarray(col[idx])).float()
     return None
 
-# %% ../nbs/04_data.ipynb #9f56b29d
+# %% ../nbs/04_data.ipynb #437b4f7f
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -179,7 +179,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/04_data.ipynb #43ebaf46
+# %% ../nbs/04_data.ipynb #0974b2ed
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -187,7 +187,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/04_data.ipynb #6986f9f3
+# %% ../nbs/04_data.ipynb #171696cb
 def _grid(n, nrows=None, ncols=None, figsize=None):
     ncols = ncols or int(math.ceil(math.sqrt(n)))
     nrows = nrows or int(math.ceil(n / ncols))

@@ -6,11 +6,11 @@
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError', 'ChecksumError',
            'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
 
-# %% ../nbs/00_errors.ipynb #bbf9c573
+# %% ../nbs/00_errors.ipynb #c5f1b552
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError',
            'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
 
-# %% ../nbs/00_errors.ipynb #8cd51d18
+# %% ../nbs/00_errors.ipynb #47f7862e
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 

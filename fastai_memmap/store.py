@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #2f5edfba
+# %% ../nbs/02_store.ipynb #803ab3c6
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #f52083fb
+# %% ../nbs/02_store.ipynb #731ac282
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #ac6ac1d4
+# %% ../nbs/02_store.ipynb #22da89c4
 _ADVICE = {'normal': 'MADV_NORMAL', 'random': 'MADV_RANDOM', 'sequential': 'MADV_SEQUENTIAL', 'willneed': 'MADV_WILLNEED'}
 
 def _madvise(a, advice):
@@ -25,13 +25,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #c860f30d
+# %% ../nbs/02_store.ipynb #83ed632d
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #3429d9e2
+# %% ../nbs/02_store.ipynb #2419c97d
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
@@ -230,7 +230,7 @@ class MemmapStore:
 
     def _summary(self):
         shape = 'ragged ' + 'x'.join(['?'] * self.item_ndim) if self.ragged else str(self.item_shape)
-        cols = ', '.join(f'{c} ({np.dtype(d).name})' for c, d in self.manifest['meta']) or 'none'
+        cols = ', '.join(f"{c} ({'str' if np.dtype(d).kind == 'U' else np.dtype(d).name})" for c, d in self.manifest['meta']) or 'none'
         return shape, cols
 
     def __repr__(self):
