@@ -6,11 +6,11 @@
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError', 'ChecksumError',
            'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
 
-# %% ../nbs/00_errors.ipynb #c5f1b552
+# %% ../nbs/00_errors.ipynb #1c629d28
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError',
            'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
 
-# %% ../nbs/00_errors.ipynb #47f7862e
+# %% ../nbs/00_errors.ipynb #4bbd7d3d
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 

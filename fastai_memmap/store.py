@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #803ab3c6
+# %% ../nbs/02_store.ipynb #f9e0f98a
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #731ac282
+# %% ../nbs/02_store.ipynb #88e146ad
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #22da89c4
+# %% ../nbs/02_store.ipynb #a37e2f23
 _ADVICE = {'normal': 'MADV_NORMAL', 'random': 'MADV_RANDOM', 'sequential': 'MADV_SEQUENTIAL', 'willneed': 'MADV_WILLNEED'}
 
 def _madvise(a, advice):
@@ -25,13 +25,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #83ed632d
+# %% ../nbs/02_store.ipynb #7686e1e4
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #2419c97d
+# %% ../nbs/02_store.ipynb #fdb3344c
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,

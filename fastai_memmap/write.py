@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['write_memmap']
 
-# %% ../nbs/03_write.ipynb #ef50ade5
+# %% ../nbs/03_write.ipynb #c786e82a
 import fcntl, os, secrets, zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +15,10 @@ from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/03_write.ipynb #69d279a5
+# %% ../nbs/03_write.ipynb #c50f9e11
 __all__ = ['write_memmap']
 
-# %% ../nbs/03_write.ipynb #04d1c4b6
+# %% ../nbs/03_write.ipynb #cf66f985
 @contextmanager
 def _locked(path:Path):
     "Hold the store's writer lock; a second writer gets `StoreLockedError`. The OS frees it if the holder dies."
@@ -31,7 +31,7 @@ def _locked(path:Path):
         yield
     finally: os.close(fd)
 
-# %% ../nbs/03_write.ipynb #643b2669
+# %% ../nbs/03_write.ipynb #0d8c857f
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
     def __init__(self, path, dtype, item_shape, reserve=10**15):
@@ -63,7 +63,7 @@ def _save(path, a:np.ndarray) -> dict:
     w.write(a)
     return w.close()
 
-# %% ../nbs/03_write.ipynb #efa97f4d
+# %% ../nbs/03_write.ipynb #587b07a8
 def _as_array(x, i, dtype, casting='same_kind'):
     try: a = np.asarray(x)
     except ValueError as e: raise IncompatibleDataError(f"item {i} is not an array ({e})") from None
@@ -85,7 +85,7 @@ def _chunks(data, chunk_bytes):
     step = max(1, chunk_bytes // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
     for a in range(0, n, step): yield np.asarray(data[a:a + step])
 
-# %% ../nbs/03_write.ipynb #4f51528f
+# %% ../nbs/03_write.ipynb #7410fa6f
 def _meta_columns(meta) -> dict:
     "Metadata as a dict of 1-D numpy arrays, each checked to be storable"
     if meta is None: return {}
@@ -112,7 +112,7 @@ def _meta_columns(meta) -> dict:
 
 def _meta_kind(dt): return {'i': 'int', 'u': 'int', 'b': 'bool', 'f': 'float', 'c': 'complex', 'U': 'str', 'M': 'datetime', 'm': 'timedelta'}[np.dtype(dt).kind]
 
-# %% ../nbs/03_write.ipynb #73502ea7
+# %% ../nbs/03_write.ipynb #82ce5824
 class _StoreWriter:
     "Writes new shards for one commit into store directory `path`, then commits them"
     def __init__(self, path, old:dict, dtype, item_shape, item_ndim, meta:dict, shard_size:int):
@@ -191,7 +191,7 @@ class _StoreWriter:
             except OSError: pass
         for p in self.files: p.unlink(missing_ok=True)
 
-# %% ../nbs/03_write.ipynb #d6dab145
+# %% ../nbs/03_write.ipynb #f7943085
 def _cleanup(path:Path, m:dict=None):
     "Remove shard files that manifest `m` does not reference, and a stale temporary manifest"
     keep = {e['file'] for e in manifest_files(m)} if m else set()
@@ -213,7 +213,7 @@ def _prepare_dir(path:Path, mode:str):
                                            f"choose another path or empty it")
     path.mkdir(parents=True, exist_ok=True)
 
-# %% ../nbs/03_write.ipynb #067c26b2
+# %% ../nbs/03_write.ipynb #c15e6535
 @contextmanager
 def _open_for_write(path:Path, mode:str):
     "Lock the store at `path` for writing, remove leftovers of failed writes, and yield its committed manifest (or None)"
@@ -229,7 +229,7 @@ def _open_for_write(path:Path, mode:str):
         _cleanup(path, old)
         yield old
 
-# %% ../nbs/03_write.ipynb #56558eb7
+# %% ../nbs/03_write.ipynb #dc42a551
 def write_memmap(
     path,  # Directory of the store to write (conventionally `*.fmm`)
     data,  # Items: an array `(N, ...)`, an array-like with `shape`/`dtype`/slicing, a list of arrays, or any iterable of arrays
