@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #44cb8695
+# %% ../nbs/04_data.ipynb #4dca3780
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -24,11 +24,11 @@ from fastcore.foundation import L
 from .errors import *
 from .store import MemmapStore
 
-# %% ../nbs/04_data.ipynb #f1f1e6ee
+# %% ../nbs/04_data.ipynb #7b832f3d
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #af64731a
+# %% ../nbs/04_data.ipynb #2f259d19
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -41,7 +41,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/04_data.ipynb #0fee4f50
+# %% ../nbs/04_data.ipynb #b3fd44ce
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -59,7 +59,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/04_data.ipynb #f2047a55
+# %% ../nbs/04_data.ipynb #c5bf05d6
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -70,13 +70,25 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/04_data.ipynb #2ea85baf
+# %% ../nbs/04_data.ipynb #26620661
 def _norm01(a):
     lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else a * 0
 
 class TensorMemmap(TensorBase):
     "Items read from a `MemmapStore`; `show` draws 1-D as a line, 2-D as an image (or channel lines), 3-D as channels"
+    @property
+    def mask(self) -> torch.Tensor:
+        "For a padded batch of ragged items (which carries `lengths`, each item's shape): True where data is real"
+        lengths = getattr(self, 'lengths', None)
+        if lengths is None: return torch.ones(self.shape, dtype=torch.bool, device=self.device)
+        m = torch.ones(self.shape, dtype=torch.bool, device=self.device)
+        for ax in range(lengths.shape[1]):
+            r = torch.arange(self.shape[ax + 1], device=self.device)
+            shape = [1] * (lengths.shape[1] + 1); shape[ax + 1] = -1
+            m = m & (r.view(shape) < lengths[:, ax].to(self.device).view([-1] + [1] * lengths.shape[1]))
+        return m
+
     def show(self, ctx=None, figsize=None, title=None, **kwargs):
         a = self.detach().cpu().float().numpy()
         while a.ndim > 3: a = a[a.shape[0] // 2]
@@ -92,14 +104,14 @@ class TensorMemmap(TensorBase):
         if title is not None: ax.set_title(title)
         return ax
 
-# %% ../nbs/04_data.ipynb #24caa51e
+# %% ../nbs/04_data.ipynb #3646a96a
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/04_data.ipynb #0b7caa5f
+# %% ../nbs/04_data.ipynb #f4f5eca4
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -154,7 +166,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/04_data.ipynb #bf4e6833
+# %% ../nbs/04_data.ipynb #a4ef4d1b
 _categorize_setups = Categorize.setups
 
 @patch
@@ -165,7 +177,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/04_data.ipynb #eba658a0
+# %% ../nbs/04_data.ipynb #7aec7d26
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -174,7 +186,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/04_data.ipynb #36125a74
+# %% ../nbs/04_data.ipynb #fb08c264
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -191,7 +203,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/04_data.ipynb #f4e31e9c
+# %% ../nbs/04_data.ipynb #34ede513
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -199,8 +211,10 @@ class MemmapDL(TfmdDL):
                  shuffle_block:int=None,  # Items per block for a block-local shuffle (None: a full shuffle)
                  shuffle_window:int=16,  # Blocks per window within which a block-local shuffle mixes items
                  persistent_workers:bool=True,  # Keep worker processes alive across epochs (batch path only)
+                 bucket:int=None,  # Ragged items: sort each chunk of `bucket` batches by size so padding stays small
+                 pad_value=0,  # Ragged items: the value that pads each batch to its largest item
                  **kwargs):
-        store_attr('shuffle_block,shuffle_window')
+        store_attr('shuffle_block,shuffle_window,bucket,pad_value')
         self.persistent = persistent_workers
         super().__init__(dataset, bs=bs, shuffle=shuffle, persistent_workers=persistent_workers, **kwargs)
 
@@ -212,7 +226,7 @@ class MemmapDL(TfmdDL):
         if not tls or not isinstance(tls[0].items, MemmapItemList): return False
         items = tls[0].items
         xf = _plain(tls[0].tfms)
-        if items.store.ragged or len(xf) != 1 or not isinstance(xf[0], MemmapReader): return False
+        if len(xf) != 1 or not isinstance(xf[0], MemmapReader): return False
         if _plain(self.after_item) or _plain(self.before_batch):
             if not MemmapDL._warned:
                 warnings.warn("MemmapDL: item transforms are set, so every sample goes through fastai's per-item path "
@@ -220,6 +234,7 @@ class MemmapDL(TfmdDL):
                 MemmapDL._warned = True
             return False
         self._store, self._gidx = items.store, items.store_idxs
+        self._sizes = np.prod(items.store.shapes[self._gidx], axis=1) if self.bucket and items.store.ragged else None
         self._tfns = [_target_fn(tl) for tl in tls[1:]]
         self._fast = True
         return True
@@ -233,8 +248,18 @@ class MemmapDL(TfmdDL):
     def shuffle_fn(self, idxs):
         if not isinstance(idxs, np.ndarray): return super().shuffle_fn(idxs)
         rng = np.random.default_rng(self.rng.getrandbits(64))
-        if self.shuffle_block: return block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
-        return rng.permutation(idxs)
+        if self.shuffle_block: idxs = block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
+        else: idxs = rng.permutation(idxs)
+        if getattr(self, '_sizes', None) is not None: idxs = self._bucketed(idxs, rng)
+        return idxs
+
+    def _bucketed(self, idxs, rng):
+        "Within chunks of `bucket` batches, sort by item size; then shuffle the order of the batches"
+        bs, chunk = self.bs or 1, (self.bs or 1) * self.bucket
+        parts = [c[np.argsort(self._sizes[c], kind='stable')] for c in np.split(idxs, range(chunk, len(idxs), chunk))]
+        idxs = np.concatenate(parts) if parts else idxs
+        batches = np.split(idxs, range(bs, len(idxs), bs))
+        return np.concatenate([batches[i] for i in rng.permutation(len(batches))]) if batches else idxs
 
     def sample(self):
         if not self._plan(): return super().sample()
@@ -253,9 +278,15 @@ class MemmapDL(TfmdDL):
     def do_item(self, s): return (0 if s is None else s) if self._plan() else super().do_item(s)
 
     def create_batch(self, b):
-        if not self._plan(): return super().create_batch(b)
+        if not self._plan():
+            if b and isinstance(b[0], tuple) and isinstance(b[0][0], TensorMemmap) and len({o[0].shape for o in b}) > 1:
+                return self._pad_collate(b)
+            return super().create_batch(b)
         idx = np.asarray(b, dtype=np.int64)
-        x = TensorMemmap(torch.from_numpy(self._store.take(self._gidx[idx])))
+        if self._store.ragged:
+            arr, shapes = self._store.take_padded(self._gidx[idx], self.pad_value or 0)
+            x = TensorMemmap(torch.from_numpy(arr), lengths=torch.from_numpy(np.ascontiguousarray(shapes)))
+        else: x = TensorMemmap(torch.from_numpy(self._store.take(self._gidx[idx])))
         ys = []
         for fn, tl in zip(self._tfns, self.dataset.tls[1:]):
             if fn is not None: ys.append(fn(idx))
@@ -264,7 +295,18 @@ class MemmapDL(TfmdDL):
                 ys.append(retain_types(fa_collate(its), its[0]))
         return (x, *ys)
 
-    def retain(self, res, b): return res if self._plan() else super().retain(res, b)
+    def _pad_collate(self, items):
+        "Collate per-item samples whose inputs differ in shape: pad them to the largest, with their `lengths`"
+        xs = [o[0] for o in items]
+        shapes = torch.tensor([x.shape for x in xs])
+        out = xs[0].new_full((len(xs), *shapes.max(0).values.tolist()), self.pad_value or 0).as_subclass(torch.Tensor)
+        for j, x in enumerate(xs): out[(j, *map(slice, x.shape))] = x
+        rest = fa_collate([o[1:] for o in items]) if len(items[0]) > 1 else ()
+        return (TensorMemmap(out, lengths=shapes), *rest)
+
+    def retain(self, res, b):
+        if self._plan() or getattr(res[0], 'lengths', None) is not None: return res
+        return super().retain(res, b)
 
     # --- workers that persist across epochs
     def __iter__(self):
@@ -292,10 +334,10 @@ class MemmapDL(TfmdDL):
         if w is not None: w._shutdown_workers()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_workers')}
+        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_workers')}
 
     def new(self, dataset=None, cls=None, **kwargs):
-        for k in 'shuffle_block', 'shuffle_window': kwargs.setdefault(k, getattr(self, k, None))
+        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value': kwargs.setdefault(k, getattr(self, k, None))
         kwargs.setdefault('persistent_workers', getattr(self, 'persistent', True))
         res = super().new(dataset, cls, **kwargs)
         ds = res.dataset
@@ -303,7 +345,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/04_data.ipynb #62d59c83
+# %% ../nbs/04_data.ipynb #b777f4f1
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -311,7 +353,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/04_data.ipynb #93c50319
+# %% ../nbs/04_data.ipynb #a548ecde
 def _grid(n, nrows=None, ncols=None, figsize=None):
     ncols = ncols or int(math.ceil(math.sqrt(n)))
     nrows = nrows or int(math.ceil(n / ncols))

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #f9e0f98a
+# %% ../nbs/02_store.ipynb #9f38f123
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #88e146ad
+# %% ../nbs/02_store.ipynb #1ef44dbf
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #a37e2f23
+# %% ../nbs/02_store.ipynb #0c4f91dc
 _ADVICE = {'normal': 'MADV_NORMAL', 'random': 'MADV_RANDOM', 'sequential': 'MADV_SEQUENTIAL', 'willneed': 'MADV_WILLNEED'}
 
 def _madvise(a, advice):
@@ -25,13 +25,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #7686e1e4
+# %% ../nbs/02_store.ipynb #0f1213ed
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #fdb3344c
+# %% ../nbs/02_store.ipynb #a29ff98b
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
@@ -197,6 +197,21 @@ class MemmapStore:
                 self._take_shard(k, s_idx[a:b] - self._starts[k], buf[a:b])
         if not srt: out[order] = buf
         return out
+
+    def take_padded(self, idxs, pad_value=0) -> tuple:
+        "Items `idxs` padded at the end of each axis to the batch's largest shape, and their shapes: `(array, shapes)`"
+        idxs = np.asarray(idxs, dtype=np.int64)
+        if not self.ragged: return self.take(idxs), np.broadcast_to(np.array(self.item_shape, np.int64), (len(idxs), self.item_ndim))
+        shard = np.searchsorted(self._starts, idxs, 'right') - 1
+        local = idxs - self._starts[shard]
+        ix = np.empty((len(idxs), 1 + self.item_ndim), np.int64)
+        for k in np.unique(shard): ix[shard == k] = self._open(int(k), 'index')[local[shard == k]]
+        shapes = ix[:, 1:]
+        out = np.full((len(idxs), *(shapes.max(0) if len(idxs) else [0] * self.item_ndim)), pad_value, self.dtype)
+        for j in np.lexsort((ix[:, 0], shard)):   # read each shard front to back
+            s = shapes[j]
+            out[(j, *map(slice, s))] = self._open(int(shard[j]))[ix[j, 0]:ix[j, 0] + int(np.prod(s))].reshape(s)
+        return out, shapes
 
     def _take_shard(self, k, local, buf):
         mm = self._open(k)

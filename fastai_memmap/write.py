@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ShardWriter', 'MemmapWriter', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #24a03090
+# %% ../nbs/03_write.ipynb #a342234d
 import fcntl, os, secrets, zlib, shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +15,10 @@ from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/03_write.ipynb #bdab61c4
+# %% ../nbs/03_write.ipynb #59419822
 __all__ = ['ShardWriter', 'MemmapWriter', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #1c481cf2
+# %% ../nbs/03_write.ipynb #d94ada55
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
     def __init__(self, path, dtype, item_shape, reserve=10**15):
@@ -50,7 +50,7 @@ def _save(path, a:np.ndarray) -> dict:
     w.write(a)
     return w.close()
 
-# %% ../nbs/03_write.ipynb #75286a40
+# %% ../nbs/03_write.ipynb #7f4218c2
 def _as_array(x, i, dtype, casting='same_kind'):
     "Item `x` (number `i`) as an array, converted to `dtype` if given"
     try: a = np.asarray(x)
@@ -73,7 +73,7 @@ def _chunks(data, chunk_bytes):
     step = max(1, chunk_bytes // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
     for a in range(0, len(data), step): yield np.asarray(data[a:a + step])
 
-# %% ../nbs/03_write.ipynb #557fa450
+# %% ../nbs/03_write.ipynb #31cd0829
 def _meta_kind(dt):
     return {'i': 'int', 'u': 'int', 'b': 'bool', 'f': 'float', 'c': 'complex', 'U': 'str', 'M': 'datetime', 'm': 'timedelta'}[np.dtype(dt).kind]
 
@@ -102,7 +102,7 @@ def _meta_columns(meta) -> dict:
     if isinstance(meta, dict): return {c: _meta_column(c, v) for c, v in meta.items()}
     raise MetadataError(f"meta must be a dict of columns or a DataFrame, not {type(meta).__name__}")
 
-# %% ../nbs/03_write.ipynb #2083e6c3
+# %% ../nbs/03_write.ipynb #dae71e72
 class ShardWriter:
     "Write shard `number` of a store (its data, ragged index and metadata files) into directory `path`"
     def __init__(self, path, token:str, number:int, dtype, item_shape, item_ndim:int):
@@ -145,7 +145,7 @@ class ShardWriter:
         except OSError: pass
         for p in self.files: p.unlink(missing_ok=True)
 
-# %% ../nbs/03_write.ipynb #c4beeb9f
+# %% ../nbs/03_write.ipynb #a39bc0dc
 def _is_ours(f:Path): return f.suffix == '.npy' and f.name.split('-')[0] in ('data', 'index', 'meta')
 
 def _cleanup(path:Path, m:dict=None):
@@ -178,7 +178,7 @@ def _lock(path:Path) -> int:
         raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
     return fd
 
-# %% ../nbs/03_write.ipynb #0cd6f87a
+# %% ../nbs/03_write.ipynb #2a39206e
 class MemmapWriter:
     "Add items (and their metadata) to the store at `path`; `commit` (or the end of a `with` block) makes them visible at once"
     def __init__(self,
@@ -352,7 +352,7 @@ class MemmapWriter:
         if typ is None: self.commit()
         else: self.abort()
 
-# %% ../nbs/03_write.ipynb #214f1ff7
+# %% ../nbs/03_write.ipynb #522133fe
 def write_memmap(
     path,  # Directory of the store to write (conventionally `*.fmm`)
     data,  # Items: an array `(N, ...)`, an array-like with `shape`/`dtype`/slicing, a list of arrays, or any iterable of arrays
