@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #4dca3780
+# %% ../nbs/04_data.ipynb #b7ebe181
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -24,11 +24,11 @@ from fastcore.foundation import L
 from .errors import *
 from .store import MemmapStore
 
-# %% ../nbs/04_data.ipynb #7b832f3d
+# %% ../nbs/04_data.ipynb #c7fa506b
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #2f259d19
+# %% ../nbs/04_data.ipynb #8e4249fb
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -41,7 +41,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/04_data.ipynb #b3fd44ce
+# %% ../nbs/04_data.ipynb #8e3f999f
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -59,7 +59,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/04_data.ipynb #c5bf05d6
+# %% ../nbs/04_data.ipynb #b7145583
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -70,7 +70,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/04_data.ipynb #26620661
+# %% ../nbs/04_data.ipynb #649fb4ff
 def _norm01(a):
     lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else a * 0
@@ -104,14 +104,14 @@ class TensorMemmap(TensorBase):
         if title is not None: ax.set_title(title)
         return ax
 
-# %% ../nbs/04_data.ipynb #3646a96a
+# %% ../nbs/04_data.ipynb #95a8e88b
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/04_data.ipynb #f4f5eca4
+# %% ../nbs/04_data.ipynb #7132d6f6
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -166,7 +166,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/04_data.ipynb #a4ef4d1b
+# %% ../nbs/04_data.ipynb #b329e1bc
 _categorize_setups = Categorize.setups
 
 @patch
@@ -177,7 +177,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/04_data.ipynb #7aec7d26
+# %% ../nbs/04_data.ipynb #c0315aac
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -186,7 +186,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/04_data.ipynb #fb08c264
+# %% ../nbs/04_data.ipynb #87c3ff44
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -203,7 +203,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/04_data.ipynb #34ede513
+# %% ../nbs/04_data.ipynb #bec013d2
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -345,7 +345,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/04_data.ipynb #b777f4f1
+# %% ../nbs/04_data.ipynb #9ec868b7
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -353,7 +353,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/04_data.ipynb #a548ecde
+# %% ../nbs/04_data.ipynb #bd0150ad
 def _grid(n, nrows=None, ncols=None, figsize=None):
     ncols = ncols or int(math.ceil(math.sqrt(n)))
     nrows = nrows or int(math.ceil(n / ncols))

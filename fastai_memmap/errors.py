@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError', 'ChecksumError',
-           'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
+           'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError', 'ReadError']
 
-# %% ../nbs/00_errors.ipynb #1c629d28
+# %% ../nbs/00_errors.ipynb #06442355
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError',
-           'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError']
+           'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError',
+           'ReadError']
 
-# %% ../nbs/00_errors.ipynb #4bbd7d3d
+# %% ../nbs/00_errors.ipynb #6ec485f2
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 
@@ -40,3 +41,6 @@ class MetadataError(StoreError, ValueError):
 
 class StoreIndexError(StoreError, IndexError):
     "An item index outside the store"
+
+class ReadError(StoreError):
+    "A user `read_fn` failed on a source while converting data"

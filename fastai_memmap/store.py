@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #9f38f123
+# %% ../nbs/02_store.ipynb #f272e07f
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #1ef44dbf
+# %% ../nbs/02_store.ipynb #b654feb3
 __all__ = ['MemmapStore']
 
-# %% ../nbs/02_store.ipynb #0c4f91dc
+# %% ../nbs/02_store.ipynb #a1163f92
 _ADVICE = {'normal': 'MADV_NORMAL', 'random': 'MADV_RANDOM', 'sequential': 'MADV_SEQUENTIAL', 'willneed': 'MADV_WILLNEED'}
 
 def _madvise(a, advice):
@@ -25,13 +25,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #0f1213ed
+# %% ../nbs/02_store.ipynb #1b421132
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #a29ff98b
+# %% ../nbs/02_store.ipynb #761883b2
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
@@ -60,6 +60,20 @@ class MemmapStore:
     @property
     def nbytes(self) -> int: return sum(e['bytes'] for e in manifest_files(self.manifest))
     def __len__(self): return self.manifest['length']
+    @property
+    def shape(self) -> tuple:
+        "`(len, *item_shape)`, as for an array (fixed-shape stores)"
+        if self.ragged: raise AttributeError("a ragged store has no single shape: see `shapes`")
+        return (len(self), *self.item_shape)
+    @property
+    def ndim(self) -> int: return 1 + self.item_ndim
+
+    def to_dask(self, chunk_items:int=None):
+        "A dask array view of the store (fixed shape), one chunk per shard (or per `chunk_items` items); no data is read"
+        import dask.array as da
+        if self.ragged: raise IncompatibleDataError("a ragged store has no dask array view (its items differ in shape)")
+        lens = tuple(np.diff(self._starts).tolist()) if chunk_items is None else chunk_items
+        return da.from_array(self, chunks=(lens or (0,), *self.item_shape), asarray=True, fancy=False, name=f'fmm-{self.path.name}-{id(self):x}')
 
     def __getstate__(self): return dict(path=str(self.path), manifest=self.manifest, max_open=self.max_open, advice=self.advice)
     def __setstate__(self, d):
@@ -171,7 +185,12 @@ class MemmapStore:
     def __getitem__(self, i):
         if isinstance(i, (int, np.integer)): return self._item(self._norm(i))
         if isinstance(i, slice): return self.take(np.arange(*i.indices(len(self)), dtype=np.int64))
-        if isinstance(i, tuple): raise StoreIndexError("index items first (store[idxs]), then index within the result")
+        if isinstance(i, tuple):   # items first, then within each item: store[idxs, 0, ::2]
+            if not i: return self[:]
+            res = self[i[0]]
+            if isinstance(i[0], (int, np.integer)): return res[i[1:]]
+            if self.ragged: raise StoreIndexError("a ragged store takes one index (items); index each item afterwards")
+            return res[(slice(None),) + i[1:]]
         return self.take(self._norm_many(i))
 
     def __iter__(self):

@@ -5,20 +5,23 @@
 # %% auto #0
 __all__ = ['ShardWriter', 'MemmapWriter', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #a342234d
-import fcntl, os, secrets, zlib, shutil
+# %% ../nbs/03_write.ipynb #b46489c8
+import fcntl, itertools, os, secrets, zlib, shutil
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+import warnings
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/03_write.ipynb #59419822
+# %% ../nbs/03_write.ipynb #d708edb9
 __all__ = ['ShardWriter', 'MemmapWriter', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #d94ada55
+# %% ../nbs/03_write.ipynb #52a2804e
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
     def __init__(self, path, dtype, item_shape, reserve=10**15):
@@ -50,7 +53,7 @@ def _save(path, a:np.ndarray) -> dict:
     w.write(a)
     return w.close()
 
-# %% ../nbs/03_write.ipynb #7f4218c2
+# %% ../nbs/03_write.ipynb #e04c234f
 def _as_array(x, i, dtype, casting='same_kind'):
     "Item `x` (number `i`) as an array, converted to `dtype` if given"
     try: a = np.asarray(x)
@@ -73,7 +76,7 @@ def _chunks(data, chunk_bytes):
     step = max(1, chunk_bytes // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
     for a in range(0, len(data), step): yield np.asarray(data[a:a + step])
 
-# %% ../nbs/03_write.ipynb #31cd0829
+# %% ../nbs/03_write.ipynb #cf6251e5
 def _meta_kind(dt):
     return {'i': 'int', 'u': 'int', 'b': 'bool', 'f': 'float', 'c': 'complex', 'U': 'str', 'M': 'datetime', 'm': 'timedelta'}[np.dtype(dt).kind]
 
@@ -102,7 +105,7 @@ def _meta_columns(meta) -> dict:
     if isinstance(meta, dict): return {c: _meta_column(c, v) for c, v in meta.items()}
     raise MetadataError(f"meta must be a dict of columns or a DataFrame, not {type(meta).__name__}")
 
-# %% ../nbs/03_write.ipynb #dae71e72
+# %% ../nbs/03_write.ipynb #3d03492b
 class ShardWriter:
     "Write shard `number` of a store (its data, ragged index and metadata files) into directory `path`"
     def __init__(self, path, token:str, number:int, dtype, item_shape, item_ndim:int):
@@ -145,7 +148,7 @@ class ShardWriter:
         except OSError: pass
         for p in self.files: p.unlink(missing_ok=True)
 
-# %% ../nbs/03_write.ipynb #a39bc0dc
+# %% ../nbs/03_write.ipynb #76b4a30c
 def _is_ours(f:Path): return f.suffix == '.npy' and f.name.split('-')[0] in ('data', 'index', 'meta')
 
 def _cleanup(path:Path, m:dict=None):
@@ -178,7 +181,7 @@ def _lock(path:Path) -> int:
         raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
     return fd
 
-# %% ../nbs/03_write.ipynb #2a39206e
+# %% ../nbs/03_write.ipynb #c9240ace
 class MemmapWriter:
     "Add items (and their metadata) to the store at `path`; `commit` (or the end of a `with` block) makes them visible at once"
     def __init__(self,
@@ -352,10 +355,42 @@ class MemmapWriter:
         if typ is None: self.commit()
         else: self.abort()
 
-# %% ../nbs/03_write.ipynb #522133fe
+# %% ../nbs/03_write.ipynb #923ebf6a
+def _call(fn, src):
+    "Run `fn(src)`, returning `(True, result)` or `(False, error text)`, so that errors cross process boundaries"
+    try: return True, fn(src)
+    except Exception as e: return False, f"{type(e).__name__}: {e}"
+
+def _imap(fn, sources, n_jobs:int):
+    "Yield `(i, source, (ok, result))` for each source, in order, computing `fn` in `n_jobs` processes"
+    if n_jobs <= 1:
+        for i, s in enumerate(sources): yield i, s, _call(fn, s)
+        return
+    it = enumerate(sources)
+    ex = ProcessPoolExecutor(n_jobs)
+    try:
+        window = deque((i, s, ex.submit(_call, fn, s)) for i, s in itertools.islice(it, 4 * n_jobs))
+        while window:
+            i, s, fut = window.popleft()
+            for j, s2 in itertools.islice(it, 1): window.append((j, s2, ex.submit(_call, fn, s2)))
+            yield i, s, fut.result()
+    finally: ex.shutdown(wait=True, cancel_futures=True)
+
+def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
+    "Yield `(item, meta)` from `read_fn` over `sources`; record or raise failures"
+    for i, src, (ok, res) in _imap(read_fn, sources, n_jobs):
+        if not ok:
+            if on_error == 'skip': skipped.append((i, src, res)); continue
+            raise ReadError(f"read_fn failed on item {i} (source {src!r}): {res}. Nothing was committed; fix the source, "
+                            f"or pass on_error='skip' to leave such items out.")
+        x, m = res if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict) else (res, {})
+        if source_col: m = {**m, source_col: str(src)}
+        yield x, m
+
+# %% ../nbs/03_write.ipynb #47f28f1c
 def write_memmap(
     path,  # Directory of the store to write (conventionally `*.fmm`)
-    data,  # Items: an array `(N, ...)`, an array-like with `shape`/`dtype`/slicing, a list of arrays, or any iterable of arrays
+    data,  # Items: an array `(N, ...)`, an array-like with `shape`/`dtype`/slicing, a list or iterable of arrays; or sources for `read_fn`
     meta=None,  # Per-item metadata: a dict of columns or a DataFrame, one row per item
     mode:str='x',  # 'x' create (fail if it exists), 'w' replace, 'a' append
     dtype=None,  # Store items as this dtype (converting with same-kind casting); default: the data's own dtype
@@ -363,12 +398,21 @@ def write_memmap(
     shard_size:int=1<<30,  # Target size in bytes of each data shard file
     progress:bool=True,  # Show a progress bar for long writes
     total:int=None,  # Number of items an iterable will yield, for the progress bar
+    read_fn=None,  # Called on each element of `data` to give its item, or `(item, {column: value})`
+    n_jobs:int=1,  # Processes running `read_fn` in parallel
+    on_error:str='raise',  # A failing `read_fn`: 'raise' (stop, commit nothing) or 'skip' (listed in `store.skipped`)
+    source_col:str=None,  # With `read_fn`: store each source, as a string, in this metadata column
 ) -> MemmapStore:
     "Write `data` (and `meta`) to the store at `path` in one atomic commit, and return it opened for reading"
     if isinstance(data, (str, bytes, dict)) or not (_is_arraylike(data) or hasattr(data, '__iter__')):
         raise IncompatibleDataError(f"data must be an array or an iterable of arrays, not {type(data).__name__}")
+    if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if read_fn is None and (source_col or n_jobs != 1): raise ValueError("source_col and n_jobs apply with read_fn only")
+    if read_fn is not None and meta is not None and (on_error == 'skip' or source_col):
+        raise MetadataError("with read_fn, give metadata either as meta= (one value per source) or from read_fn, "
+                            "not with on_error='skip' or source_col (rows would not line up)")
     cols = _meta_columns(meta)
-    arraylike = _is_arraylike(data)
+    arraylike = read_fn is None and _is_arraylike(data)
     if arraylike:
         if len(data.shape) < 1: raise IncompatibleDataError("data is a 0-d array; give an array with a leading item axis (N, ...)")
         if ragged: raise IncompatibleDataError("an array (N, ...) has one item shape; ragged=True needs a list or iterable of arrays")
@@ -378,15 +422,23 @@ def write_memmap(
         if n is not None and len(v) != n:
             raise MetadataError(f"metadata column {c!r} has {len(v)} values but data has {n} items; give one value per item")
     if ragged is None:
-        ragged = isinstance(data, (list, tuple)) and len({np.shape(x) for x in data}) > 1
-    with MemmapWriter(path, mode, dtype=dtype, ragged=ragged, meta=cols, shard_size=shard_size) as w:
+        ragged = read_fn is None and isinstance(data, (list, tuple)) and len({np.shape(x) for x in data}) > 1
+    skipped = []
+    tot = n or total
+    with MemmapWriter(path, mode, dtype=dtype, ragged=ragged, meta=cols if read_fn is None or meta is not None else None,
+                      shard_size=shard_size) as w:
         if arraylike:
             step = max(1, (64 << 20) // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
             chunks = _chunks(data, 64 << 20)
             nch = -(-len(data) // step)
             for c in (progress_bar(chunks, total=nch, leave=False) if progress and nch > 1 else chunks): w.add_many(c)
+        elif read_fn is not None:
+            src = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1 else data
+            for x, m in _read_items(src, read_fn, n_jobs, on_error, source_col, skipped): w.add(x, **m)
         else:
-            tot = n or total
             it = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1000 else data
             for x in it: w.add(x)
+    w.store.skipped = skipped
+    if skipped: warnings.warn(f"write_memmap: read_fn failed on {len(skipped)} source(s), left out (see store.skipped): "
+                              f"first: {skipped[0][1]!r}: {skipped[0][2]}")
     return w.store
