@@ -6,12 +6,12 @@
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError', 'ChecksumError',
            'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError', 'ReadError']
 
-# %% ../nbs/00_errors.ipynb #06442355
+# %% ../nbs/00_errors.ipynb #92e47a4c
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError',
            'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError',
            'ReadError']
 
-# %% ../nbs/00_errors.ipynb #6ec485f2
+# %% ../nbs/00_errors.ipynb #ad66516e
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 
