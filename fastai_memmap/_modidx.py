@@ -17,6 +17,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastai_memmap.data.MemmapDL._pad_collate': ( 'data.html#memmapdl._pad_collate',
                                                                                   'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL._plan': ('data.html#memmapdl._plan', 'fastai_memmap/data.py'),
+                                    'fastai_memmap.data.MemmapDL._shard_shuffle': ( 'data.html#memmapdl._shard_shuffle',
+                                                                                    'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL.create_batch': ( 'data.html#memmapdl.create_batch',
                                                                                   'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL.create_batches': ( 'data.html#memmapdl.create_batches',

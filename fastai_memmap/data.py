@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #b7ebe181
+# %% ../nbs/04_data.ipynb #27286962
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -24,11 +24,11 @@ from fastcore.foundation import L
 from .errors import *
 from .store import MemmapStore
 
-# %% ../nbs/04_data.ipynb #c7fa506b
+# %% ../nbs/04_data.ipynb #c1cf01d3
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/04_data.ipynb #8e4249fb
+# %% ../nbs/04_data.ipynb #2d650e4f
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -41,7 +41,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/04_data.ipynb #8e3f999f
+# %% ../nbs/04_data.ipynb #a3ee55cc
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -59,7 +59,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/04_data.ipynb #b7145583
+# %% ../nbs/04_data.ipynb #5c0df4ce
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -70,7 +70,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/04_data.ipynb #649fb4ff
+# %% ../nbs/04_data.ipynb #2b1b03e4
 def _norm01(a):
     lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else a * 0
@@ -104,14 +104,14 @@ class TensorMemmap(TensorBase):
         if title is not None: ax.set_title(title)
         return ax
 
-# %% ../nbs/04_data.ipynb #95a8e88b
+# %% ../nbs/04_data.ipynb #aa74115a
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/04_data.ipynb #7132d6f6
+# %% ../nbs/04_data.ipynb #cd2bfc01
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -166,7 +166,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/04_data.ipynb #b329e1bc
+# %% ../nbs/04_data.ipynb #542edc64
 _categorize_setups = Categorize.setups
 
 @patch
@@ -177,7 +177,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/04_data.ipynb #c0315aac
+# %% ../nbs/04_data.ipynb #774902c0
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -186,7 +186,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/04_data.ipynb #87c3ff44
+# %% ../nbs/04_data.ipynb #910525dc
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -203,12 +203,12 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/04_data.ipynb #bec013d2
+# %% ../nbs/04_data.ipynb #ca31cc27
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
     def __init__(self, dataset, bs:int=64, shuffle:bool=False,
-                 shuffle_block:int=None,  # Items per block for a block-local shuffle (None: a full shuffle)
+                 shuffle_block=None,  # Items per block for a block-local shuffle, or 'shard' (blocks are shards); None: a full shuffle
                  shuffle_window:int=16,  # Blocks per window within which a block-local shuffle mixes items
                  persistent_workers:bool=True,  # Keep worker processes alive across epochs (batch path only)
                  bucket:int=None,  # Ragged items: sort each chunk of `bucket` batches by size so padding stays small
@@ -235,6 +235,7 @@ class MemmapDL(TfmdDL):
             return False
         self._store, self._gidx = items.store, items.store_idxs
         self._sizes = np.prod(items.store.shapes[self._gidx], axis=1) if self.bucket and items.store.ragged else None
+        self._shard_of = np.searchsorted(items.store._starts, self._gidx, 'right') - 1
         self._tfns = [_target_fn(tl) for tl in tls[1:]]
         self._fast = True
         return True
@@ -248,10 +249,18 @@ class MemmapDL(TfmdDL):
     def shuffle_fn(self, idxs):
         if not isinstance(idxs, np.ndarray): return super().shuffle_fn(idxs)
         rng = np.random.default_rng(self.rng.getrandbits(64))
-        if self.shuffle_block: idxs = block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
+        if self.shuffle_block == 'shard': idxs = self._shard_shuffle(idxs, rng)
+        elif self.shuffle_block: idxs = block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
         else: idxs = rng.permutation(idxs)
         if getattr(self, '_sizes', None) is not None: idxs = self._bucketed(idxs, rng)
         return idxs
+
+    def _shard_shuffle(self, idxs, rng):
+        "Shards in random order; items shuffled within windows of `shuffle_window` shards (so a window's shards can be cached)"
+        shard = self._shard_of[idxs]
+        rank = np.empty(shard.max() + 1 if len(shard) else 0, np.int64)
+        u = np.unique(shard); rank[u] = rng.permutation(len(u))
+        return idxs[np.lexsort((rng.random(len(idxs)), rank[shard] // self.shuffle_window))]
 
     def _bucketed(self, idxs, rng):
         "Within chunks of `bucket` batches, sort by item size; then shuffle the order of the batches"
@@ -272,6 +281,10 @@ class MemmapDL(TfmdDL):
     def create_batches(self, samps):
         if not self._plan(): yield from super().create_batches(samps); return
         self._store.advise('random' if self.shuffle and not self.shuffle_block else 'normal')
+        if hasattr(self._store, 'prefetch'):   # a remote store fetches the shards this epoch needs, in order
+            samps = list(samps)
+            order = self._shard_of[np.concatenate(samps)] if samps else np.zeros(0, np.int64)
+            self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
         for b in samps: yield self.do_batch(b)
 
     # --- batches: one read
@@ -334,7 +347,7 @@ class MemmapDL(TfmdDL):
         if w is not None: w._shutdown_workers()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_workers')}
+        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_shard_of', '_workers')}
 
     def new(self, dataset=None, cls=None, **kwargs):
         for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value': kwargs.setdefault(k, getattr(self, k, None))
@@ -345,7 +358,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/04_data.ipynb #9ec868b7
+# %% ../nbs/04_data.ipynb #13d4a25c
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -353,7 +366,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/04_data.ipynb #bd0150ad
+# %% ../nbs/04_data.ipynb #dc74ee74
 def _grid(n, nrows=None, ncols=None, figsize=None):
     ncols = ncols or int(math.ceil(math.sqrt(n)))
     nrows = nrows or int(math.ceil(n / ncols))

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['register_remote', 'MemmapStore']
 
-# %% ../nbs/02_store.ipynb #02dc7776
+# %% ../nbs/02_store.ipynb #75e62237
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/02_store.ipynb #c15302dc
+# %% ../nbs/02_store.ipynb #af634359
 __all__ = ['MemmapStore', 'register_remote']
 
-# %% ../nbs/02_store.ipynb #37c31641
+# %% ../nbs/02_store.ipynb #af2ecfba
 _REMOTE = None   # the class that opens stores at URLs; `fastai_memmap.remote` sets it (this layer never imports that one)
 
 def register_remote(cls):
@@ -33,13 +33,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/02_store.ipynb #5c586f63
+# %% ../nbs/02_store.ipynb #7b99aa10
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/02_store.ipynb #5b2ba0b2
+# %% ../nbs/02_store.ipynb #882c350d
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
