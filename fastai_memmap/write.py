@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #562e0e83
+# %% ../nbs/03_write.ipynb #1497a07a
 import fcntl, itertools, os, secrets, zlib, shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -18,10 +18,10 @@ from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/03_write.ipynb #a9c9eac5
+# %% ../nbs/03_write.ipynb #32fbf37d
 __all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap']
 
-# %% ../nbs/03_write.ipynb #803db116
+# %% ../nbs/03_write.ipynb #4bf838a2
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
     def __init__(self, path, dtype, item_shape, reserve=10**15):
@@ -53,7 +53,7 @@ def _save(path, a:np.ndarray) -> dict:
     w.write(a)
     return w.close()
 
-# %% ../nbs/03_write.ipynb #f1e07d5e
+# %% ../nbs/03_write.ipynb #7d787dd3
 def _as_array(x, i, dtype, casting='same_kind'):
     "Item `x` (number `i`) as an array, converted to `dtype` if given"
     try: a = np.asarray(x)
@@ -76,7 +76,7 @@ def _chunks(data, chunk_bytes):
     step = max(1, chunk_bytes // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
     for a in range(0, len(data), step): yield np.asarray(data[a:a + step])
 
-# %% ../nbs/03_write.ipynb #24f2115d
+# %% ../nbs/03_write.ipynb #2cb22428
 def _meta_kind(dt):
     return {'i': 'int', 'u': 'int', 'b': 'bool', 'f': 'float', 'c': 'complex', 'U': 'str', 'M': 'datetime', 'm': 'timedelta'}[np.dtype(dt).kind]
 
@@ -105,7 +105,7 @@ def _meta_columns(meta) -> dict:
     if isinstance(meta, dict): return {c: _meta_column(c, v) for c, v in meta.items()}
     raise MetadataError(f"meta must be a dict of columns or a DataFrame, not {type(meta).__name__}")
 
-# %% ../nbs/03_write.ipynb #fd1ffb72
+# %% ../nbs/03_write.ipynb #c8012104
 class ShardWriter:
     "Write shard `number` of a store (its data, ragged index and metadata files) into directory `path`"
     def __init__(self, path, token:str, number:int, dtype, item_shape, item_ndim:int):
@@ -148,7 +148,7 @@ class ShardWriter:
         except OSError: pass
         for p in self.files: p.unlink(missing_ok=True)
 
-# %% ../nbs/03_write.ipynb #3f3c67e0
+# %% ../nbs/03_write.ipynb #ac8acf2e
 def _is_ours(f:Path): return f.suffix == '.npy' and f.name.split('-')[0] in ('data', 'index', 'meta')
 
 def _cleanup(path:Path, m:dict=None):
@@ -181,7 +181,7 @@ def _lock(path:Path) -> int:
         raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
     return fd
 
-# %% ../nbs/03_write.ipynb #fa975330
+# %% ../nbs/03_write.ipynb #eeb15715
 class MemmapWriter:
     "Add items (and their metadata) to the store at `path`; `commit` (or the end of a `with` block) makes them visible at once"
     def __init__(self,
@@ -355,7 +355,7 @@ class MemmapWriter:
         if typ is None: self.commit()
         else: self.abort()
 
-# %% ../nbs/03_write.ipynb #f83097b7
+# %% ../nbs/03_write.ipynb #57dd1df1
 def _call(fn, src):
     "Run `fn(src)`, returning `(True, result)` or `(False, error text)`, so that errors cross process boundaries"
     try: return True, fn(src)
@@ -387,11 +387,11 @@ def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
         if source_col: m = {**m, source_col: str(src)}
         yield x, m
 
-# %% ../nbs/03_write.ipynb #c3d2d739
+# %% ../nbs/03_write.ipynb #f104e070
 _WRITERS = []
 
 def register_writer(accepts, write):
-    "Make `write_memmap(path, data, **kw)` call `write(path, data, **kw)` when `accepts(data)` is true"
+    "Make `write_memmap(path, data, **kw)` call `write(path, data, **kw)` when `accepts(path, data)` is true"
     _WRITERS.append((accepts, write))
 
 def write_memmap(
@@ -411,7 +411,7 @@ def write_memmap(
 ) -> MemmapStore:
     "Write `data` (and `meta`) to the store at `path` in one atomic commit, and return it opened for reading"
     for accepts, write in _WRITERS:
-        if accepts(data): return write(path, data, meta=meta, mode=mode, dtype=dtype, ragged=ragged, shard_size=shard_size,
+        if accepts(path, data): return write(path, data, meta=meta, mode=mode, dtype=dtype, ragged=ragged, shard_size=shard_size,
                                        progress=progress, total=total, read_fn=read_fn, n_jobs=n_jobs, on_error=on_error,
                                        source_col=source_col)
     if isinstance(data, (str, bytes, dict)) or not (_is_arraylike(data) or hasattr(data, '__iter__')):
