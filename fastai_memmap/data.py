@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #2c9bd937
+# %% ../nbs/05_data.ipynb #921ee5fc
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -25,11 +25,11 @@ from .errors import *
 from .store import MemmapStore
 from .show import show_array, array_grid
 
-# %% ../nbs/05_data.ipynb #8d6a65ac
+# %% ../nbs/05_data.ipynb #942e2237
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #d56b0b20
+# %% ../nbs/05_data.ipynb #bd1b4e24
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -42,7 +42,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/05_data.ipynb #11649bb1
+# %% ../nbs/05_data.ipynb #3e17daf9
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -55,12 +55,20 @@ class MemmapItemList(pd.DataFrame):
         "Iterate over items (rows), as a list of items does: fastai's `FuncSplitter` and friends call `f` on each item"
         for i in range(len(self)): yield self.iloc[i]
 
+    # pandas' text formatter iterates a frame for its column names: format a plain view instead
+    def _plain(self): return pd.DataFrame(self, copy=False)
+    def __repr__(self):
+        s = getattr(self, 'store', None)
+        return (f"{type(self).__name__}: {len(self):,} items of {s.path}\n" if s is not None else '') + repr(self._plain())
+    def to_string(self, *args, **kwargs): return self._plain().to_string(*args, **kwargs)
+    def _repr_html_(self): return self._plain()._repr_html_()
+
     @property
     def store_idxs(self) -> np.ndarray:
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/05_data.ipynb #d5b29474
+# %% ../nbs/05_data.ipynb #e692005b
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -71,7 +79,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/05_data.ipynb #ddc53dfe
+# %% ../nbs/05_data.ipynb #6c44cd93
 class TensorMemmap(TensorBase):
     "Items read from a `MemmapStore`; `show` draws 1-D as a line, 2-D as an image (or channel lines), 3-D as channels"
     @property
@@ -90,14 +98,14 @@ class TensorMemmap(TensorBase):
         "Draw this item (see `show_array`)"
         return show_array(self, ctx=ctx, **kwargs)
 
-# %% ../nbs/05_data.ipynb #66f29021
+# %% ../nbs/05_data.ipynb #26bb8ffd
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/05_data.ipynb #f272cecb
+# %% ../nbs/05_data.ipynb #45cba875
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -152,7 +160,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/05_data.ipynb #7cd1c19a
+# %% ../nbs/05_data.ipynb #a480798e
 _categorize_setups = Categorize.setups
 
 @patch
@@ -163,7 +171,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/05_data.ipynb #3682f088
+# %% ../nbs/05_data.ipynb #bf836a52
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -172,7 +180,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/05_data.ipynb #46051edc
+# %% ../nbs/05_data.ipynb #d0573771
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -189,7 +197,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/05_data.ipynb #b7eec5ea
+# %% ../nbs/05_data.ipynb #186f0ea8
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -344,7 +352,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/05_data.ipynb #b333e2ef
+# %% ../nbs/05_data.ipynb #cedb816a
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -352,7 +360,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/05_data.ipynb #439cc972
+# %% ../nbs/05_data.ipynb #0727746f
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
