@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #921ee5fc
+# %% ../nbs/05_data.ipynb #4455ce34
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -25,11 +25,11 @@ from .errors import *
 from .store import MemmapStore
 from .show import show_array, array_grid
 
-# %% ../nbs/05_data.ipynb #942e2237
+# %% ../nbs/05_data.ipynb #4cb93c9f
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #bd1b4e24
+# %% ../nbs/05_data.ipynb #226ac117
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -42,7 +42,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/05_data.ipynb #3e17daf9
+# %% ../nbs/05_data.ipynb #33e4d761
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -68,7 +68,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/05_data.ipynb #e692005b
+# %% ../nbs/05_data.ipynb #bc1cf4eb
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -79,7 +79,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/05_data.ipynb #6c44cd93
+# %% ../nbs/05_data.ipynb #b5fef5dc
 class TensorMemmap(TensorBase):
     "Items read from a `MemmapStore`; `show` draws 1-D as a line, 2-D as an image (or channel lines), 3-D as channels"
     @property
@@ -98,14 +98,14 @@ class TensorMemmap(TensorBase):
         "Draw this item (see `show_array`)"
         return show_array(self, ctx=ctx, **kwargs)
 
-# %% ../nbs/05_data.ipynb #26bb8ffd
+# %% ../nbs/05_data.ipynb #792681c5
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/05_data.ipynb #45cba875
+# %% ../nbs/05_data.ipynb #97af2e04
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -160,7 +160,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/05_data.ipynb #a480798e
+# %% ../nbs/05_data.ipynb #2e4f9885
 _categorize_setups = Categorize.setups
 
 @patch
@@ -171,7 +171,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/05_data.ipynb #bf836a52
+# %% ../nbs/05_data.ipynb #a41c6981
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -180,7 +180,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/05_data.ipynb #d0573771
+# %% ../nbs/05_data.ipynb #d33f5249
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -197,7 +197,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/05_data.ipynb #186f0ea8
+# %% ../nbs/05_data.ipynb #5d699fa8
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -290,7 +290,8 @@ class MemmapDL(TfmdDL):
                 return self._pad_collate(b)
             return super().create_batch(b)
         idx = np.asarray(b, dtype=np.int64)
-        if self._store.ragged:
+        if hasattr(self._store, 'read_batch'): x = self._store.read_batch(self._gidx[idx])   # a store that builds its own batch tensor
+        elif self._store.ragged:
             arr, shapes = self._store.take_padded(self._gidx[idx], self.pad_value or 0)
             x = TensorMemmap(torch.from_numpy(arr), lengths=torch.from_numpy(np.ascontiguousarray(shapes)))
         else: x = TensorMemmap(torch.from_numpy(self._store.take(self._gidx[idx])))
@@ -352,7 +353,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/05_data.ipynb #cedb816a
+# %% ../nbs/05_data.ipynb #8804e621
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -360,7 +361,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/05_data.ipynb #0727746f
+# %% ../nbs/05_data.ipynb #f0e3226b
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
