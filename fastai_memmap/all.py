@@ -4,3 +4,4 @@ from fastai_memmap.store import *
 from fastai_memmap.write import *
 from fastai_memmap.data import *
 from fastai_memmap.show import *
+from fastai_memmap.subsets import *

@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #4455ce34
+# %% ../nbs/05_data.ipynb #d0748029
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -25,11 +25,11 @@ from .errors import *
 from .store import MemmapStore
 from .show import show_array, array_grid
 
-# %% ../nbs/05_data.ipynb #4cb93c9f
+# %% ../nbs/05_data.ipynb #0d657991
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #226ac117
+# %% ../nbs/05_data.ipynb #aaee3fc2
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -42,7 +42,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/05_data.ipynb #33e4d761
+# %% ../nbs/05_data.ipynb #331dcd29
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -68,7 +68,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/05_data.ipynb #bc1cf4eb
+# %% ../nbs/05_data.ipynb #58660876
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -79,7 +79,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/05_data.ipynb #b5fef5dc
+# %% ../nbs/05_data.ipynb #c9c00c6f
 class TensorMemmap(TensorBase):
     "Items read from a `MemmapStore`; `show` draws 1-D as a line, 2-D as an image (or channel lines), 3-D as channels"
     @property
@@ -98,14 +98,14 @@ class TensorMemmap(TensorBase):
         "Draw this item (see `show_array`)"
         return show_array(self, ctx=ctx, **kwargs)
 
-# %% ../nbs/05_data.ipynb #792681c5
+# %% ../nbs/05_data.ipynb #22d22dbc
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/05_data.ipynb #97af2e04
+# %% ../nbs/05_data.ipynb #f1c33cf7
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -160,7 +160,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/05_data.ipynb #2e4f9885
+# %% ../nbs/05_data.ipynb #94fbee4a
 _categorize_setups = Categorize.setups
 
 @patch
@@ -171,7 +171,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/05_data.ipynb #a41c6981
+# %% ../nbs/05_data.ipynb #7d9a6adf
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -180,7 +180,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/05_data.ipynb #d33f5249
+# %% ../nbs/05_data.ipynb #6348b0c2
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -197,7 +197,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/05_data.ipynb #5d699fa8
+# %% ../nbs/05_data.ipynb #12348436
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -207,8 +207,10 @@ class MemmapDL(TfmdDL):
                  persistent_workers:bool=True,  # Keep worker processes alive across epochs (batch path only)
                  bucket:int=None,  # Ragged items: sort each chunk of `bucket` batches by size so padding stays small
                  pad_value=0,  # Ragged items: the value that pads each batch to its largest item
+                 weights:str=None,  # A metadata column of per-item sampling weights: shuffled epochs draw items with replacement
+                 balance:str=None,  # A metadata column of classes: shuffled epochs draw classes equally often (oversampling)
                  **kwargs):
-        store_attr('shuffle_block,shuffle_window,bucket,pad_value')
+        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance')
         self.persistent = persistent_workers
         super().__init__(dataset, bs=bs, shuffle=shuffle, persistent_workers=persistent_workers, **kwargs)
 
@@ -235,7 +237,22 @@ class MemmapDL(TfmdDL):
         return True
 
     # --- indices: numpy arrays, whole batches per worker
+    def _sample_p(self):
+        "Sampling probabilities of this loader's items, from `weights` or `balance`, or None"
+        items = self.dataset.tls[0].items
+        if self.weights:
+            w = items[self.weights].to_numpy(np.float64)
+            if len(w) and (not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0):
+                raise ValueError(f"weights column {self.weights!r} must hold finite, non-negative numbers that are not all zero")
+        else:
+            _, inv, cnt = np.unique(items[self.balance].to_numpy(), return_inverse=True, return_counts=True)
+            w = 1.0 / cnt[inv]
+        return w / w.sum()
+
     def get_idxs(self):
+        if self.shuffle and (self.weights or self.balance):
+            rng = np.random.default_rng(self.rng.getrandbits(64))
+            return rng.choice(self.n, self.n, p=self._sample_p()).astype(np.int64)
         if not self._plan(): return super().get_idxs()
         idxs = np.arange(self.n, dtype=np.int64)
         return self.shuffle_fn(idxs) if self.shuffle else idxs
@@ -345,7 +362,7 @@ class MemmapDL(TfmdDL):
         return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_shard_of', '_workers')}
 
     def new(self, dataset=None, cls=None, **kwargs):
-        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value': kwargs.setdefault(k, getattr(self, k, None))
+        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance': kwargs.setdefault(k, getattr(self, k, None))
         kwargs.setdefault('persistent_workers', getattr(self, 'persistent', True))
         res = super().new(dataset, cls, **kwargs)
         ds = res.dataset
@@ -353,7 +370,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/05_data.ipynb #8804e621
+# %% ../nbs/05_data.ipynb #3b8220c4
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -361,7 +378,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/05_data.ipynb #f0e3226b
+# %% ../nbs/05_data.ipynb #2703a913
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
