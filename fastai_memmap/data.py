@@ -6,7 +6,7 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #d0748029
+# %% ../nbs/05_data.ipynb #369312d6
 import math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
@@ -14,6 +14,7 @@ from plum import dispatch
 from fastcore.basics import store_attr, patch
 from fastai.torch_core import TensorBase, TensorCategory, to_device
 from fastai.data.load import _loaders, fa_collate
+from torch.utils.data import get_worker_info
 from fastai.torch_core import retain_types
 from fastai.data.transforms import CategoryMap
 from fastai.data.core import TfmdDL, Datasets, show_batch, show_results, get_show_batch_func
@@ -25,11 +26,11 @@ from .errors import *
 from .store import MemmapStore
 from .show import show_array, array_grid
 
-# %% ../nbs/05_data.ipynb #0d657991
+# %% ../nbs/05_data.ipynb #6f8a1114
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL', 'MemmapBlock',
            'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #aaee3fc2
+# %% ../nbs/05_data.ipynb #bdccca7b
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
@@ -42,7 +43,7 @@ class MemmapItem(pd.Series):
         "The item's array"
         return self.store[int(self.name)]
 
-# %% ../nbs/05_data.ipynb #331dcd29
+# %% ../nbs/05_data.ipynb #dc072c57
 class MemmapItemList(pd.DataFrame):
     "The items of a store for fastai: its metadata DataFrame (index: item number in the store) that knows its `store`"
     _metadata = ['store']
@@ -68,7 +69,7 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/05_data.ipynb #58660876
+# %% ../nbs/05_data.ipynb #c01776f7
 def memmap_items(
     path,  # A store directory, or an open `MemmapStore`
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
@@ -79,7 +80,7 @@ def memmap_items(
     items.store = store
     return items
 
-# %% ../nbs/05_data.ipynb #c9c00c6f
+# %% ../nbs/05_data.ipynb #cdb96bf3
 class TensorMemmap(TensorBase):
     "Items read from a `MemmapStore`; `show` draws 1-D as a line, 2-D as an image (or channel lines), 3-D as channels"
     @property
@@ -98,14 +99,14 @@ class TensorMemmap(TensorBase):
         "Draw this item (see `show_array`)"
         return show_array(self, ctx=ctx, **kwargs)
 
-# %% ../nbs/05_data.ipynb #22d22dbc
+# %% ../nbs/05_data.ipynb #7fded126
 class MemmapReader(Transform):
     "Read an item's array from its store (or take an array as it is) as a `TensorMemmap`"
     def encodes(self, o:MemmapItem): return TensorMemmap(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorMemmap(torch.from_numpy(np.array(o)))
     def encodes(self, o:torch.Tensor): return TensorMemmap(o)
 
-# %% ../nbs/05_data.ipynb #f1c33cf7
+# %% ../nbs/05_data.ipynb #369a7527
 def _plain(tfms) -> list:
     "Transforms of a pipeline other than fastai's `noop` and `ToTensor` (which leaves tensors alone)"
     return [t for t in getattr(tfms, 'fs', tfms) if t.name != 'noop' and not isinstance(t, ToTensor)]
@@ -139,7 +140,7 @@ def _col_values(items, c) -> np.ndarray:
 class _CatTarget:
     "Vectorised `ColReader(col)` + `Categorize` for a batch of dataset indices"
     def __init__(self, col, vocab): self.col, self.look = col, _VocabLookup(vocab)
-    def __call__(self, idx): return TensorCategory(torch.from_numpy(self.look(self.col[idx])))
+    def __call__(self, idx): return torch.from_numpy(self.look(self.col[idx])).as_subclass(TensorCategory)
 
 class _FloatTarget:
     "Vectorised `ColReader(col)` + `RegressionSetup` for a batch of dataset indices"
@@ -160,7 +161,7 @@ def _target_fn(tl):
         if col.dtype.kind in 'iufb': return _FloatTarget(col)
     return None
 
-# %% ../nbs/05_data.ipynb #94fbee4a
+# %% ../nbs/05_data.ipynb #10b66f89
 _categorize_setups = Categorize.setups
 
 @patch
@@ -171,7 +172,7 @@ def setups(self:Categorize, dsets):
     self.vocab = CategoryMap(pd.Series(dsets.items[c].to_numpy()), sort=self.sort, add_na=self.add_na)
     self.c = len(self.vocab)
 
-# %% ../nbs/05_data.ipynb #7d9a6adf
+# %% ../nbs/05_data.ipynb #336dfa58
 def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.ndarray:
     "A permutation of `range(n)`: blocks of `block` neighbours in random order, then shuffled within windows of `window` blocks"
     starts = rng.permutation(np.arange(0, n, block))
@@ -180,7 +181,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
     for a in range(0, n, w): rng.shuffle(idxs[a:a + w])
     return idxs
 
-# %% ../nbs/05_data.ipynb #6348b0c2
+# %% ../nbs/05_data.ipynb #74cd4b40
 import fastcore.foundation as _fcf, fastai.data.core as _fdc
 _mask2idxs = _fcf.mask2idxs
 
@@ -197,7 +198,7 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/05_data.ipynb #12348436
+# %% ../nbs/05_data.ipynb #5c0f267c
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -209,8 +210,9 @@ class MemmapDL(TfmdDL):
                  pad_value=0,  # Ragged items: the value that pads each batch to its largest item
                  weights:str=None,  # A metadata column of per-item sampling weights: shuffled epochs draw items with replacement
                  balance:str=None,  # A metadata column of classes: shuffled epochs draw classes equally often (oversampling)
+                 advice:str=None,  # Read-ahead advice for the store while this loader reads it ('random' for sparse reads of a huge store)
                  **kwargs):
-        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance')
+        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance,advice')
         self.persistent = persistent_workers
         super().__init__(dataset, bs=bs, shuffle=shuffle, persistent_workers=persistent_workers, **kwargs)
 
@@ -283,20 +285,22 @@ class MemmapDL(TfmdDL):
 
     def sample(self):
         if not self._plan(): return super().sample()
-        shm = getattr(self, '_shm', None)
+        shm = getattr(self, '_shm', None) if get_worker_info() is not None else None   # persistent workers read shared memory
         idxs = shm[0][:int(shm[1][0])].numpy() if shm is not None else np.asarray(self._DataLoader__idxs, dtype=np.int64)
         bs = self.bs or 1
         nb = len(idxs) // bs if self.drop_last else -(-len(idxs) // bs)
-        return (idxs[j * bs:(j + 1) * bs] for j in range(self.offs, nb, self.num_workers))
+        # a shuffled batch is a random set of items: read (and return) them in store order, for locality
+        return (np.sort(idxs[j * bs:(j + 1) * bs]) if self.shuffle else idxs[j * bs:(j + 1) * bs]
+                for j in range(self.offs, nb, self.num_workers))
 
     def create_batches(self, samps):
         if not self._plan(): yield from super().create_batches(samps); return
-        self._store.advise('random' if self.shuffle and not self.shuffle_block else 'normal')
+        if self.advice: self._store.advise(self.advice)
         if hasattr(self._store, 'prefetch'):   # a remote store fetches the shards this epoch needs, in order
             samps = list(samps)
             order = self._shard_of[np.concatenate(samps)] if samps else np.zeros(0, np.int64)
             self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-        for b in samps: yield self.do_batch(b)
+        for b in samps: yield self.create_batch(b)   # no per-batch before_batch/retain: the plan checked they do nothing
 
     # --- batches: one read
     def do_item(self, s): return (0 if s is None else s) if self._plan() else super().do_item(s)
@@ -310,8 +314,9 @@ class MemmapDL(TfmdDL):
         if hasattr(self._store, 'read_batch'): x = self._store.read_batch(self._gidx[idx])   # a store that builds its own batch tensor
         elif self._store.ragged:
             arr, shapes = self._store.take_padded(self._gidx[idx], self.pad_value or 0)
-            x = TensorMemmap(torch.from_numpy(arr), lengths=torch.from_numpy(np.ascontiguousarray(shapes)))
-        else: x = TensorMemmap(torch.from_numpy(self._store.take(self._gidx[idx])))
+            x = torch.from_numpy(arr).as_subclass(TensorMemmap)
+            x.lengths = torch.from_numpy(np.ascontiguousarray(shapes))
+        else: x = torch.from_numpy(self._store.take(self._gidx[idx])).as_subclass(TensorMemmap)
         ys = []
         for fn, tl in zip(self._tfns, self.dataset.tls[1:]):
             if fn is not None: ys.append(fn(idx))
@@ -335,23 +340,37 @@ class MemmapDL(TfmdDL):
 
     # --- workers that persist across epochs
     def __iter__(self):
-        if not (self.persistent and self.fake_l.num_workers > 0 and self._plan()):
-            yield from super().__iter__(); return
+        if not self._plan(): yield from super().__iter__(); return
         self.randomize(); self.before_iter()
         idxs = np.asarray(self.get_idxs(), dtype=np.int64)
+        if self.fake_l.num_workers == 0: batches = self.create_batches(self._set_idxs(idxs))
+        elif self.persistent: batches = self._persistent_batches(idxs)
+        else:
+            self._DataLoader__idxs = idxs
+            batches = _loaders[0](self.fake_l)
+        to_dev = self.device is not None and self.device.type != 'cpu'
+        tfm = self.after_batch if self.after_batch.fs else None   # fastai calls even an empty pipeline per batch
+        for b in batches:
+            if self.pin_memory and type(b) == list: b = tuple(b)
+            if to_dev: b = to_device(b, self.device)
+            yield tfm(b) if tfm is not None else b
+        self.after_iter()
+
+    def _set_idxs(self, idxs):
+        self._DataLoader__idxs = idxs
+        return self.sample()
+
+    def _persistent_batches(self, idxs):
+        "Batches from workers that live across epochs, which read the epoch's order from shared memory"
         if getattr(self, '_shm', None) is None or len(self._shm[0]) < len(idxs):
             self._shm = (torch.from_numpy(idxs.copy()).share_memory_(), torch.tensor([len(idxs)]).share_memory_())
-            self._workers = None
+            self.shutdown_workers()
         else:
             self._shm[0][:len(idxs)] = torch.from_numpy(idxs); self._shm[1][0] = len(idxs)
         self.fake_l.persistent_workers = True
         if getattr(self, '_workers', None) is None: self._workers = _loaders[0](self.fake_l)
         else: self._workers._reset(self.fake_l)
-        for b in self._workers:
-            if self.pin_memory and type(b) == list: b = tuple(b)
-            if self.device is not None: b = to_device(b, self.device)
-            yield self.after_batch(b)
-        self.after_iter()
+        return self._workers
 
     def shutdown_workers(self):
         "Stop this loader's persistent worker processes (they also stop when the loader is garbage collected)"
@@ -362,7 +381,7 @@ class MemmapDL(TfmdDL):
         return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_shard_of', '_workers')}
 
     def new(self, dataset=None, cls=None, **kwargs):
-        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance': kwargs.setdefault(k, getattr(self, k, None))
+        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice': kwargs.setdefault(k, getattr(self, k, None))
         kwargs.setdefault('persistent_workers', getattr(self, 'persistent', True))
         res = super().new(dataset, cls, **kwargs)
         ds = res.dataset
@@ -370,7 +389,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/05_data.ipynb #3b8220c4
+# %% ../nbs/05_data.ipynb #db4edcba
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -378,7 +397,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/05_data.ipynb #2703a913
+# %% ../nbs/05_data.ipynb #b111a8a2
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['register_remote', 'MemmapStore']
 
-# %% ../nbs/03_store.ipynb #f3e4bf02
+# %% ../nbs/03_store.ipynb #cbe1694c
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/03_store.ipynb #14a68ec9
+# %% ../nbs/03_store.ipynb #9d002d35
 __all__ = ['MemmapStore', 'register_remote']
 
-# %% ../nbs/03_store.ipynb #c7fd94d4
+# %% ../nbs/03_store.ipynb #3f24f2f1
 _REMOTE = None   # the class that opens stores at URLs; `fastai_memmap.remote` sets it (this layer never imports that one)
 
 def register_remote(cls):
@@ -33,13 +33,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/03_store.ipynb #26c96b33
+# %% ../nbs/03_store.ipynb #c79860dc
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/03_store.ipynb #db3d9971
+# %% ../nbs/03_store.ipynb #629f4208
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,
@@ -213,25 +213,32 @@ class MemmapStore:
         for i in range(len(self)): yield self._item(i)
 
     def take(self, idxs, out:np.ndarray=None):
-        "Items `idxs` (a 1-D int array, already in range) in one vectorised read; into `out` if given"
+        "Items `idxs` (a 1-D int array, already in range, any order) in one vectorised read; into `out` if given"
         idxs = np.asarray(idxs, dtype=np.int64)
         if self.ragged: return [self._item(int(i)) for i in idxs]
         n = len(idxs)
-        if out is None: out = np.empty((n, *self.item_shape), self.dtype)
-        if n == 0: return out
-        srt = bool(np.all(idxs[1:] >= idxs[:-1]))
-        order = None if srt else np.argsort(idxs, kind='stable')
-        s_idx = idxs if srt else idxs[order]
-        buf = out if srt else np.empty_like(out)
-        if len(self._starts) == 2: self._take_shard(0, s_idx, buf)
+        if n == 0: res = np.empty((0, *self.item_shape), self.dtype)
+        elif len(self._starts) == 2: res = self._gather(0, idxs)
         else:
-            shard = np.searchsorted(self._starts, s_idx, 'right') - 1
-            cuts = np.concatenate([[0], np.flatnonzero(np.diff(shard)) + 1, [n]])
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                k = int(shard[a])
-                self._take_shard(k, s_idx[a:b] - self._starts[k], buf[a:b])
-        if not srt: out[order] = buf
+            shard = np.searchsorted(self._starts, idxs, 'right') - 1
+            if shard[0] == shard[-1] and (shard == shard[0]).all(): res = self._gather(int(shard[0]), idxs - self._starts[shard[0]])
+            else:   # one read per shard, in shard order, then rows back in the order asked for
+                order = np.argsort(shard, kind='stable')
+                s_shard, s_idx = shard[order], idxs[order]
+                cuts = np.concatenate([[0], np.flatnonzero(np.diff(s_shard)) + 1, [n]])
+                res = np.empty((n, *self.item_shape), self.dtype)
+                res[order] = np.concatenate([self._gather(int(s_shard[a]), s_idx[a:b] - self._starts[s_shard[a]])
+                                             for a, b in zip(cuts[:-1], cuts[1:])])
+        if out is None: return res
+        out[...] = res
         return out
+
+    def _gather(self, k, local):
+        "Rows `local` of shard `k`: one slice copy for a contiguous run, else one fancy-index copy"
+        mm = self._open(k)
+        lo, hi = int(local[0]), int(local[-1])
+        if hi - lo + 1 == len(local) and (len(local) < 2 or (np.diff(local) == 1).all()): return np.array(mm[lo:hi + 1])
+        return np.asarray(mm)[local]
 
     def take_padded(self, idxs, pad_value=0) -> tuple:
         "Items `idxs` padded at the end of each axis to the batch's largest shape, and their shapes: `(array, shapes)`"
@@ -247,12 +254,6 @@ class MemmapStore:
             s = shapes[j]
             out[(j, *map(slice, s))] = self._open(int(shard[j]))[ix[j, 0]:ix[j, 0] + int(np.prod(s))].reshape(s)
         return out, shapes
-
-    def _take_shard(self, k, local, buf):
-        mm = self._open(k)
-        lo, hi = int(local[0]), int(local[-1])
-        if hi - lo + 1 == len(local): buf[...] = mm[lo:hi + 1]   # a contiguous run: one slice copy
-        else: np.take(mm, local, axis=0, out=buf)
 
     def column(self, name:str) -> np.ndarray:
         "Metadata column `name` for every item, as a numpy array"
