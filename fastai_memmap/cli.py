@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['fmm_demo', 'fmm_info', 'fmm_head', 'fmm_verify', 'main']
 
-# %% ../nbs/12_cli.ipynb #258bf815
+# %% ../nbs/12_cli.ipynb #9b5dd5e3
 import sys
 import numpy as np
 from fastcore.script import anno_parser
 from .errors import StoreError, StoreNotFoundError
 from .store import MemmapStore
 
-# %% ../nbs/12_cli.ipynb #61dd25ba
+# %% ../nbs/12_cli.ipynb #83cb06d9
 __all__ = ['fmm_demo', 'fmm_info', 'fmm_head', 'fmm_verify', 'main']
 
-# %% ../nbs/12_cli.ipynb #f2053ed8
+# %% ../nbs/12_cli.ipynb #8e7f6edd
 def fmm_demo(
     path:str=None,  # Where to write the demo store (default: a temporary directory)
     n:int=20_000,  # Number of items
@@ -31,7 +31,7 @@ def fmm_demo(
           f"validation accuracy {r['accuracy']:.3f} (chance: {r['chance']:.2f})")
     return 0 if r['accuracy'] > 2 * r['chance'] else 1
 
-# %% ../nbs/12_cli.ipynb #a2942c40
+# %% ../nbs/12_cli.ipynb #bc985065
 def fmm_info(path:str):  # The store directory
     "Describe a store: items, dtype, shapes, size, metadata columns"
     s = MemmapStore(path)
@@ -62,7 +62,7 @@ def fmm_verify(path:str):  # The store directory
     print(f"ok: {path}: {len(s):,} items in {s.n_shards} shard(s), every checksum matches")
     return 0
 
-# %% ../nbs/12_cli.ipynb #c997fac1
+# %% ../nbs/12_cli.ipynb #1ca861f4
 _VERBS = {'demo': fmm_demo, 'info': fmm_info, 'head': fmm_head, 'verify': fmm_verify}
 
 def main(argv=None):
@@ -80,5 +80,5 @@ def main(argv=None):
     except StoreNotFoundError as e: print(f"error: {e}", file=sys.stderr); return 2
     except StoreError as e: print(f"error: {e}", file=sys.stderr); return 1
 
-# %% ../nbs/12_cli.ipynb #0bd3ca0b
+# %% ../nbs/12_cli.ipynb #08c1becc
 if __name__ == '__main__': sys.exit(main())

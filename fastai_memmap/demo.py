@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CLASSES', 'demo_labels', 'demo_items', 'demo_model', 'run_demo']
 
-# %% ../nbs/06_demo.ipynb #8dab87b4
+# %% ../nbs/06_demo.ipynb #a7cc301d
 import tempfile, time
 from pathlib import Path
 import numpy as np, torch
@@ -20,10 +20,10 @@ from .write import write_memmap
 from .store import MemmapStore
 from .data import MemmapBlock, memmap_items
 
-# %% ../nbs/06_demo.ipynb #7791239d
+# %% ../nbs/06_demo.ipynb #0fdc1397
 __all__ = ['CLASSES', 'demo_labels', 'demo_items', 'demo_model', 'run_demo']
 
-# %% ../nbs/06_demo.ipynb #483220f4
+# %% ../nbs/06_demo.ipynb #6ecb8315
 CLASSES = ['slow', 'medium', 'fast', 'very fast']
 
 def demo_labels(n:int, seed:int=0) -> np.ndarray:
@@ -39,14 +39,14 @@ def demo_items(labels, seed:int=0, length:int=128, noise:float=1.5):
         x = np.stack([np.sin(2 * np.pi * f * t + ph), np.sin(2 * np.pi * f * t + ph + (c + 1) * np.pi / 5)])
         yield (x + rng.normal(0, noise, x.shape)).astype(np.float32)
 
-# %% ../nbs/06_demo.ipynb #c7c68fb2
+# %% ../nbs/06_demo.ipynb #5a82601f
 def demo_model(n_in:int=2, n_out:int=len(CLASSES)):
     "A small 1-D CNN for `(bs, n_in, length)` series"
     return nn.Sequential(nn.Conv1d(n_in, 32, 7, padding=3), nn.BatchNorm1d(32), nn.ReLU(),
                          nn.Conv1d(32, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, n_out))
 
-# %% ../nbs/06_demo.ipynb #28f25d3e
+# %% ../nbs/06_demo.ipynb #f11d5740
 def run_demo(
     path=None,  # Where to write the store (default: a temporary directory)
     n:int=20_000,  # Number of items

@@ -6,12 +6,12 @@
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError', 'ChecksumError',
            'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError', 'ReadError']
 
-# %% ../nbs/00_errors.ipynb #92e47a4c
+# %% ../nbs/00_errors.ipynb #ef6f8f5c
 __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedError', 'CorruptStoreError',
            'ChecksumError', 'FormatVersionError', 'IncompatibleDataError', 'MetadataError', 'StoreIndexError',
            'ReadError']
 
-# %% ../nbs/00_errors.ipynb #ad66516e
+# %% ../nbs/00_errors.ipynb #6970c2c3
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 

@@ -7,18 +7,18 @@ __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_me
            'shard_name', 'crc32_file', 'fsync_dir', 'validate_manifest', 'read_manifest', 'write_manifest',
            'manifest_files']
 
-# %% ../nbs/01_format.ipynb #4aab5a51
+# %% ../nbs/01_format.ipynb #158d08ca
 import io, json, os, re, struct, zlib
 from pathlib import Path
 import numpy as np
 from .errors import *
 
-# %% ../nbs/01_format.ipynb #d7af84ff
+# %% ../nbs/01_format.ipynb #3bff56f8
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_meta_dtype', 'npy_header',
            'read_npy_header', 'shard_name', 'crc32_file', 'fsync_dir', 'read_manifest', 'write_manifest',
            'validate_manifest', 'manifest_files']
 
-# %% ../nbs/01_format.ipynb #53b634fd
+# %% ../nbs/01_format.ipynb #c66f92de
 FORMAT_NAME = 'fastai_memmap'
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
@@ -26,7 +26,7 @@ _MAX_ITEMS = 2**48      # a bound no real store reaches: manifests claiming more
 _MAX_NDIM = 32          # numpy's own limit is 64; 32 leaves room and catches nonsense
 _NAME_RE = re.compile(r'^(data|index|meta)-[0-9a-z]{1,32}-[0-9]{5,9}\.npy$')
 
-# %% ../nbs/01_format.ipynb #50222e35
+# %% ../nbs/01_format.ipynb #ba707f54
 def check_dtype(dtype, what='data') -> np.dtype:
     "Return `dtype` as a `np.dtype` if items can be stored with it, else raise `IncompatibleDataError`"
     dt = np.dtype(dtype)
@@ -36,7 +36,7 @@ def check_dtype(dtype, what='data') -> np.dtype:
             f"(float16/32/64, int8..int64, uint8..uint64, complex, bool). Convert strings or objects to numbers first.")
     return dt
 
-# %% ../nbs/01_format.ipynb #7c3d8475
+# %% ../nbs/01_format.ipynb #ac76f450
 def check_meta_dtype(dtype, name) -> np.dtype:
     "Return `dtype` if metadata column `name` can be stored with it, else raise `MetadataError`"
     dt = np.dtype(dtype)
@@ -45,7 +45,7 @@ def check_meta_dtype(dtype, name) -> np.dtype:
                             f"unicode strings (convert other objects to str or numbers first).")
     return dt
 
-# %% ../nbs/01_format.ipynb #f98df2f7
+# %% ../nbs/01_format.ipynb #a73bc343
 def npy_header(dtype, shape, size:int=None) -> bytes:
     "A .npy 1.0 header for a C-order array of `dtype` and `shape`, padded with spaces to `size` bytes if given"
     d = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': tuple(int(s) for s in shape)}
@@ -57,7 +57,7 @@ def npy_header(dtype, shape, size:int=None) -> bytes:
     body = h[10:-1] + b' ' * (size - len(h)) + b'\n'
     return h[:8] + struct.pack('<H', len(body)) + body
 
-# %% ../nbs/01_format.ipynb #5fcbff6f
+# %% ../nbs/01_format.ipynb #0f801787
 def read_npy_header(f) -> tuple:
     "Read the header of an open .npy file: `(shape, dtype, header_size)`. Refuses Fortran order and object dtypes."
     version = np.lib.format.read_magic(f)
@@ -68,12 +68,12 @@ def read_npy_header(f) -> tuple:
     if dtype.hasobject: raise ValueError("the array holds Python objects")
     return shape, dtype, f.tell()
 
-# %% ../nbs/01_format.ipynb #f2415430
+# %% ../nbs/01_format.ipynb #2b403f4f
 def shard_name(kind:str, token:str, n:int) -> str:
     "The file name of shard `n`'s `kind` file (`data`, `index` or `meta`) written by the write `token`"
     return f'{kind}-{token}-{n:05d}.npy'
 
-# %% ../nbs/01_format.ipynb #0cb7f67d
+# %% ../nbs/01_format.ipynb #2b183b4b
 def crc32_file(path, offset:int=0, bufsize:int=1<<22) -> int:
     "CRC-32 of the bytes of `path` from `offset` on"
     crc = 0
@@ -83,14 +83,14 @@ def crc32_file(path, offset:int=0, bufsize:int=1<<22) -> int:
         while n := f.readinto(buf): crc = zlib.crc32(mv[:n], crc)
     return crc
 
-# %% ../nbs/01_format.ipynb #dda36a9b
+# %% ../nbs/01_format.ipynb #1c85e662
 def fsync_dir(path):
     "fsync the directory `path`, so that renames and new files in it are durable"
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/01_format.ipynb #9bd05c25
+# %% ../nbs/01_format.ipynb #b3f47a4a
 def _bad(path, msg): return CorruptStoreError(f"{path}: {msg}. The store's manifest is damaged; restore it from a copy "
                                              f"or rewrite the store.")
 
@@ -100,7 +100,7 @@ def _check_file_entry(e, path, where):
     for k in 'bytes', 'crc32':
         if type(e[k]) is not int or e[k] < 0 or e[k] >= 2**63: raise _bad(path, f"{where} has an invalid {k} {e[k]!r}")
 
-# %% ../nbs/01_format.ipynb #1cfdf09c
+# %% ../nbs/01_format.ipynb #ee77c2c9
 def validate_manifest(m, path='manifest') -> dict:
     "Check manifest `m` (a parsed JSON object); return it or raise a specific `StoreError`"
     if not isinstance(m, dict) or m.get('format') != FORMAT_NAME: raise _bad(path, f"it is not a {FORMAT_NAME} manifest")
@@ -141,7 +141,7 @@ def validate_manifest(m, path='manifest') -> dict:
     if total != n: raise _bad(path, f"its shards hold {total} items but its length is {n}")
     return m
 
-# %% ../nbs/01_format.ipynb #9da12925
+# %% ../nbs/01_format.ipynb #9634a842
 def read_manifest(path) -> dict:
     "Read and validate the manifest of the store at directory `path`"
     path = Path(path)
@@ -156,7 +156,7 @@ def read_manifest(path) -> dict:
     except (ValueError, UnicodeDecodeError) as e: raise _bad(f, f"it is not valid JSON ({e})") from None
     return validate_manifest(m, f)
 
-# %% ../nbs/01_format.ipynb #7bc5d310
+# %% ../nbs/01_format.ipynb #92b47147
 def write_manifest(path, m:dict):
     "Commit manifest `m` to the store at `path`: write a temporary file, fsync it, rename it over the manifest, fsync the directory"
     path = Path(path)
@@ -168,7 +168,7 @@ def write_manifest(path, m:dict):
     os.replace(tmp, path/MANIFEST)
     fsync_dir(path)
 
-# %% ../nbs/01_format.ipynb #c56fe927
+# %% ../nbs/01_format.ipynb #bd75c671
 def manifest_files(m:dict) -> list:
     "Every file entry (`{'file','bytes','crc32'}`) that manifest `m` references"
     return [s[k] for s in m['shards'] for k in ('data', 'index', 'meta') if k in s]

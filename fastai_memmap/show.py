@@ -5,15 +5,15 @@
 # %% auto #0
 __all__ = ['show_array', 'array_grid']
 
-# %% ../nbs/02_show.ipynb #dd270084
+# %% ../nbs/02_show.ipynb #e7ce1acf
 import math
 import numpy as np
 import matplotlib.pyplot as plt
 
-# %% ../nbs/02_show.ipynb #03cc151a
+# %% ../nbs/02_show.ipynb #e2790163
 __all__ = ['show_array', 'array_grid']
 
-# %% ../nbs/02_show.ipynb #4eba3473
+# %% ../nbs/02_show.ipynb #402d81fc
 def _norm01(a):
     lo, hi = np.nanmin(a), np.nanmax(a)
     return (a - lo) / (hi - lo) if hi > lo else a * 0
@@ -44,7 +44,7 @@ def show_array(
     if title is not None: ax.set_title(title)
     return ax
 
-# %% ../nbs/02_show.ipynb #3b3e2a15
+# %% ../nbs/02_show.ipynb #ee8e9d9c
 def array_grid(n:int, nrows:int=None, ncols:int=None, figsize=None, size:float=2.5) -> list:
     "`n` axes in a grid (extra cells hidden)"
     ncols = ncols or int(math.ceil(math.sqrt(n)))

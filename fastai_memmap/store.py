@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['register_remote', 'MemmapStore']
 
-# %% ../nbs/03_store.ipynb #020fc449
+# %% ../nbs/03_store.ipynb #cccce791
 import mmap, os, stat
 from collections import OrderedDict
 from pathlib import Path
@@ -13,10 +13,10 @@ import numpy as np, pandas as pd
 from .errors import *
 from .format import *
 
-# %% ../nbs/03_store.ipynb #4732194b
+# %% ../nbs/03_store.ipynb #8928769c
 __all__ = ['MemmapStore', 'register_remote']
 
-# %% ../nbs/03_store.ipynb #4b8a89fa
+# %% ../nbs/03_store.ipynb #1c7bf158
 _REMOTE = None   # the class that opens stores at URLs; `fastai_memmap.remote` sets it (this layer never imports that one)
 
 def register_remote(cls):
@@ -33,13 +33,13 @@ def _madvise(a, advice):
     flag = getattr(mmap, _ADVICE[advice], None)
     if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
 
-# %% ../nbs/03_store.ipynb #83a3fc67
+# %% ../nbs/03_store.ipynb #baacdb83
 def _size(n):
     for u in 'B', 'KiB', 'MiB', 'GiB', 'TiB':
         if n < 1024 or u == 'TiB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1024
 
-# %% ../nbs/03_store.ipynb #d51b0511
+# %% ../nbs/03_store.ipynb #ba3b6367
 class MemmapStore:
     "Read-only view of the fastai_memmap store at `path`: `len`, indexing, `.meta`, `.dtype`, `.item_shape`"
     def __init__(self,

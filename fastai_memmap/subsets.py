@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['filter_items', 'subset_items', 'repeat_items', 'oversample_weights', 'StratifiedSplitter']
 
-# %% ../nbs/13_subsets.ipynb #3409d581
+# %% ../nbs/13_subsets.ipynb #5aadbfb7
 import numpy as np, pandas as pd
 from .data import MemmapItemList
 
-# %% ../nbs/13_subsets.ipynb #982983d5
+# %% ../nbs/13_subsets.ipynb #88599766
 __all__ = ['filter_items', 'subset_items', 'repeat_items', 'oversample_weights', 'StratifiedSplitter']
 
-# %% ../nbs/13_subsets.ipynb #dc2f2fdc
+# %% ../nbs/13_subsets.ipynb #f7d983c0
 def _col(items, col):
     if col not in items.columns: raise KeyError(f"{col!r} is not a metadata column; the columns are {list(items.columns)}")
     return items[col].to_numpy()
@@ -30,7 +30,7 @@ def filter_items(
     if drop is not None: m &= ~np.isin(v, list(drop))
     return items.iloc[np.flatnonzero(m)]
 
-# %% ../nbs/13_subsets.ipynb #0f42878b
+# %% ../nbs/13_subsets.ipynb #fbdf51ea
 def subset_items(
     items:MemmapItemList,  # Items, e.g. from `memmap_items`
     frac:float=None,  # Fraction of the items to keep
@@ -53,7 +53,7 @@ def _stratified_pick(v, frac, rng):
     return np.concatenate([rng.choice(p, int(round(len(p) * frac)), replace=False)
                            for p in (np.flatnonzero(inv == c) for c in range(inv.max() + 1))] or [np.zeros(0, int)])
 
-# %% ../nbs/13_subsets.ipynb #8ca5f754
+# %% ../nbs/13_subsets.ipynb #08c872e0
 def repeat_items(
     items:MemmapItemList,  # Items, e.g. from `memmap_items`
     times:int=None,  # Repeat the items this many times
@@ -64,7 +64,7 @@ def repeat_items(
     if times is None: times = max(1, -(-min_size // max(1, len(items))))
     return items.iloc[np.tile(np.arange(len(items)), times)]
 
-# %% ../nbs/13_subsets.ipynb #d8289ad7
+# %% ../nbs/13_subsets.ipynb #17a5ce54
 def oversample_weights(
     items:MemmapItemList,  # Items, e.g. from `memmap_items`
     col:str,  # A metadata column of classes
@@ -74,7 +74,7 @@ def oversample_weights(
     w = 1.0 / cnt[inv]
     return w / w.sum()
 
-# %% ../nbs/13_subsets.ipynb #dd6bbb28
+# %% ../nbs/13_subsets.ipynb #a782e2fb
 def StratifiedSplitter(
     col:str,  # A metadata column of classes
     valid_pct:float=0.2,  # Share of each class that goes to the validation set

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap']
 
-# %% ../nbs/04_write.ipynb #2ac1fc1a
+# %% ../nbs/04_write.ipynb #90ab9048
 import fcntl, itertools, os, secrets, zlib, shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -18,10 +18,10 @@ from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/04_write.ipynb #952bd580
+# %% ../nbs/04_write.ipynb #8451b9a7
 __all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap']
 
-# %% ../nbs/04_write.ipynb #afa818a0
+# %% ../nbs/04_write.ipynb #8a09abb2
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
     def __init__(self, path, dtype, item_shape, reserve=10**15):
@@ -53,7 +53,7 @@ def _save(path, a:np.ndarray) -> dict:
     w.write(a)
     return w.close()
 
-# %% ../nbs/04_write.ipynb #7fe7ba30
+# %% ../nbs/04_write.ipynb #0d9a3bab
 def _as_array(x, i, dtype, casting='same_kind'):
     "Item `x` (number `i`) as an array, converted to `dtype` if given"
     try: a = np.asarray(x)
@@ -76,7 +76,7 @@ def _chunks(data, chunk_bytes):
     step = max(1, chunk_bytes // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
     for a in range(0, len(data), step): yield np.asarray(data[a:a + step])
 
-# %% ../nbs/04_write.ipynb #799b31b6
+# %% ../nbs/04_write.ipynb #3f14ccf0
 def _meta_kind(dt):
     return {'i': 'int', 'u': 'int', 'b': 'bool', 'f': 'float', 'c': 'complex', 'U': 'str', 'M': 'datetime', 'm': 'timedelta'}[np.dtype(dt).kind]
 
@@ -105,7 +105,7 @@ def _meta_columns(meta) -> dict:
     if isinstance(meta, dict): return {c: _meta_column(c, v) for c, v in meta.items()}
     raise MetadataError(f"meta must be a dict of columns or a DataFrame, not {type(meta).__name__}")
 
-# %% ../nbs/04_write.ipynb #1688a6cb
+# %% ../nbs/04_write.ipynb #19e2f8ad
 class ShardWriter:
     "Write shard `number` of a store (its data, ragged index and metadata files) into directory `path`"
     def __init__(self, path, token:str, number:int, dtype, item_shape, item_ndim:int):
@@ -148,7 +148,7 @@ class ShardWriter:
         except OSError: pass
         for p in self.files: p.unlink(missing_ok=True)
 
-# %% ../nbs/04_write.ipynb #b490ac69
+# %% ../nbs/04_write.ipynb #94066563
 def _is_ours(f:Path): return f.suffix == '.npy' and f.name.split('-')[0] in ('data', 'index', 'meta')
 
 def _cleanup(path:Path, m:dict=None):
@@ -181,7 +181,7 @@ def _lock(path:Path) -> int:
         raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
     return fd
 
-# %% ../nbs/04_write.ipynb #5acaf35d
+# %% ../nbs/04_write.ipynb #645a6ff9
 class MemmapWriter:
     "Add items (and their metadata) to the store at `path`; `commit` (or the end of a `with` block) makes them visible at once"
     def __init__(self,
@@ -355,7 +355,7 @@ class MemmapWriter:
         if typ is None: self.commit()
         else: self.abort()
 
-# %% ../nbs/04_write.ipynb #735e4b8d
+# %% ../nbs/04_write.ipynb #c42dcc30
 def _call(fn, src):
     "Run `fn(src)`, returning `(True, result)` or `(False, error text)`, so that errors cross process boundaries"
     try: return True, fn(src)
@@ -387,7 +387,7 @@ def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
         if source_col: m = {**m, source_col: str(src)}
         yield x, m
 
-# %% ../nbs/04_write.ipynb #8af4fa3d
+# %% ../nbs/04_write.ipynb #dcaeb37e
 _WRITERS = []
 
 def register_writer(accepts, write):
