@@ -6,8 +6,8 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #ee12744b
-import math, warnings
+# %% ../nbs/05_data.ipynb #df8eb680
+import gc, math, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from plum import dispatch
@@ -138,9 +138,9 @@ def _col_values(items, c) -> np.ndarray:
     return v.astype(str) if v.dtype == object else v
 
 class _CatTarget:
-    "Vectorised `ColReader(col)` + `Categorize` for a batch of dataset indices"
-    def __init__(self, col, vocab): self.col, self.look = col, _VocabLookup(vocab)
-    def __call__(self, idx): return torch.from_numpy(self.look(self.col[idx])).as_subclass(TensorCategory)
+    "Vectorised `ColReader(col)` + `Categorize`: every item's code computed once, then a batch is one index"
+    def __init__(self, col, vocab): self.codes = _VocabLookup(vocab)(col)
+    def __call__(self, idx): return torch.from_numpy(self.codes[idx]).as_subclass(TensorCategory)
 
 class _FloatTarget:
     "Vectorised `ColReader(col)` + `RegressionSetup` for a batch of dataset indices"
@@ -235,6 +235,7 @@ class MemmapDL(TfmdDL):
         self._sizes = np.prod(items.store.shapes[self._gidx], axis=1) if self.bucket and items.store.ragged else None
         self._shard_of = np.searchsorted(items.store._starts, self._gidx, 'right') - 1
         self._tfns = [_target_fn(tl) for tl in tls[1:]]
+        self._ytls = list(tls[1:])
         self._fast = True
         return True
 
@@ -310,7 +311,7 @@ class MemmapDL(TfmdDL):
             if b and isinstance(b[0], tuple) and isinstance(b[0][0], TensorMemmap) and len({o[0].shape for o in b}) > 1:
                 return self._pad_collate(b)
             return super().create_batch(b)
-        idx = np.asarray(b, dtype=np.int64)
+        idx = b if isinstance(b, np.ndarray) and b.dtype == np.int64 else np.asarray(b, dtype=np.int64)
         if hasattr(self._store, 'read_batch'): x = self._store.read_batch(self._gidx[idx])   # a store that builds its own batch tensor
         elif self._store.ragged:
             arr, shapes = self._store.take_padded(self._gidx[idx], self.pad_value or 0)
@@ -318,7 +319,7 @@ class MemmapDL(TfmdDL):
             x.lengths = torch.from_numpy(np.ascontiguousarray(shapes))
         else: x = torch.from_numpy(self._store.take(self._gidx[idx])).as_subclass(TensorMemmap)
         ys = []
-        for fn, tl in zip(self._tfns, self.dataset.tls[1:]):
+        for fn, tl in zip(self._tfns, self._ytls):
             if fn is not None: ys.append(fn(idx))
             else:
                 its = [tl[int(i)] for i in idx]
@@ -368,7 +369,9 @@ class MemmapDL(TfmdDL):
         else:
             self._shm[0][:len(idxs)] = torch.from_numpy(idxs); self._shm[1][0] = len(idxs)
         self.fake_l.persistent_workers = True
-        if getattr(self, '_workers', None) is None: self._workers = _loaders[0](self.fake_l)
+        if getattr(self, '_workers', None) is None:
+            gc.collect(); gc.freeze()   # keep the parent's garbage collector from copying pages it shares with the workers
+            self._workers = _loaders[0](self.fake_l)
         else: self._workers._reset(self.fake_l)
         return self._workers
 
@@ -378,7 +381,7 @@ class MemmapDL(TfmdDL):
         if w is not None: w._shutdown_workers()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_sizes', '_shard_of', '_workers')}
+        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_workers')}
 
     def new(self, dataset=None, cls=None, **kwargs):
         for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice': kwargs.setdefault(k, getattr(self, k, None))
