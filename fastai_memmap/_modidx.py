@@ -16,6 +16,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastai_memmap.data.MemmapDL.__init__': ('data.html#memmapdl.__init__', 'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL.__iter__': ('data.html#memmapdl.__iter__', 'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL._bucketed': ('data.html#memmapdl._bucketed', 'fastai_memmap/data.py'),
+                                    'fastai_memmap.data.MemmapDL._idle_timer': ('data.html#memmapdl._idle_timer', 'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL._pad_collate': ( 'data.html#memmapdl._pad_collate',
                                                                                   'fastai_memmap/data.py'),
                                     'fastai_memmap.data.MemmapDL._persistent_batches': ( 'data.html#memmapdl._persistent_batches',

@@ -6,8 +6,8 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #df8eb680
-import gc, math, warnings
+# %% ../nbs/05_data.ipynb #cca2ea6b
+import math, threading, warnings
 import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from plum import dispatch
@@ -211,8 +211,9 @@ class MemmapDL(TfmdDL):
                  weights:str=None,  # A metadata column of per-item sampling weights: shuffled epochs draw items with replacement
                  balance:str=None,  # A metadata column of classes: shuffled epochs draw classes equally often (oversampling)
                  advice:str=None,  # Read-ahead advice for the store while this loader reads it ('random' for sparse reads of a huge store)
+                 idle_timeout:float=300,  # Seconds persistent workers wait for the next epoch before they stop
                  **kwargs):
-        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance,advice')
+        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance,advice,idle_timeout')
         self.persistent = persistent_workers
         super().__init__(dataset, bs=bs, shuffle=shuffle, persistent_workers=persistent_workers, **kwargs)
 
@@ -345,7 +346,9 @@ class MemmapDL(TfmdDL):
         self.randomize(); self.before_iter()
         idxs = np.asarray(self.get_idxs(), dtype=np.int64)
         if self.fake_l.num_workers == 0: batches = self.create_batches(self._set_idxs(idxs))
-        elif self.persistent: batches = self._persistent_batches(idxs)
+        elif self.persistent:
+            self._idle_timer(None)
+            batches = self._persistent_batches(idxs)
         else:
             self._DataLoader__idxs = idxs
             batches = _loaders[0](self.fake_l)
@@ -356,6 +359,17 @@ class MemmapDL(TfmdDL):
             if to_dev: b = to_device(b, self.device)
             yield tfm(b) if tfm is not None else b
         self.after_iter()
+        if self.fake_l.num_workers and self.persistent: self._idle_timer(self.idle_timeout)
+
+    def _idle_timer(self, seconds):
+        "Cancel the pending idle shutdown of the workers, and schedule one after `seconds` (None: none)"
+        old = getattr(self, '_timer', None)
+        if old is not None: old.cancel()
+        self._timer = None
+        if seconds is not None and getattr(self, '_workers', None) is not None:
+            self._timer = threading.Timer(seconds, self.shutdown_workers)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _set_idxs(self, idxs):
         self._DataLoader__idxs = idxs
@@ -369,9 +383,7 @@ class MemmapDL(TfmdDL):
         else:
             self._shm[0][:len(idxs)] = torch.from_numpy(idxs); self._shm[1][0] = len(idxs)
         self.fake_l.persistent_workers = True
-        if getattr(self, '_workers', None) is None:
-            gc.collect(); gc.freeze()   # keep the parent's garbage collector from copying pages it shares with the workers
-            self._workers = _loaders[0](self.fake_l)
+        if getattr(self, '_workers', None) is None: self._workers = _loaders[0](self.fake_l)
         else: self._workers._reset(self.fake_l)
         return self._workers
 
@@ -381,10 +393,11 @@ class MemmapDL(TfmdDL):
         if w is not None: w._shutdown_workers()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_workers')}
+        return {k: v for k, v in self.__dict__.items() if k not in ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_workers', '_timer')}
 
     def new(self, dataset=None, cls=None, **kwargs):
-        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice': kwargs.setdefault(k, getattr(self, k, None))
+        for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice', 'idle_timeout':
+            kwargs.setdefault(k, getattr(self, k, None))
         kwargs.setdefault('persistent_workers', getattr(self, 'persistent', True))
         res = super().new(dataset, cls, **kwargs)
         ds = res.dataset
