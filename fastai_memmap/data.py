@@ -198,7 +198,11 @@ def _fast_mask2idxs(mask):
 
 _fcf.mask2idxs = _fdc.mask2idxs = _fast_mask2idxs
 
-# %% ../nbs/05_data.ipynb #ac8441f3
+# %% ../nbs/05_data.ipynb #2ac8d6d5
+_UNSIGNED = {getattr(torch, f'uint{b}'): getattr(torch, f'int{b}') for b in (16, 32, 64) if hasattr(torch, f'uint{b}')}
+_SIGNED = {v: k for k, v in _UNSIGNED.items()}
+
+# %% ../nbs/05_data.ipynb #c32cce46
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read when its pipeline allows"
     _warned = False
@@ -268,6 +272,12 @@ class MemmapDL(TfmdDL):
         elif self.shuffle_block: idxs = block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
         else: idxs = rng.permutation(idxs)
         if getattr(self, '_sizes', None) is not None: idxs = self._bucketed(idxs, rng)
+        # a shuffled batch is a random set of items: order each batch as the store does, for locality
+        # (here, not when batches are cut, so that the epoch order fastai sees is the order batches come in)
+        bs = self.bs or 1
+        full = len(idxs) // bs * bs
+        if bs > 1 and full: idxs[:full] = np.sort(idxs[:full].reshape(-1, bs), axis=1).reshape(-1)
+        if full < len(idxs): idxs[full:] = np.sort(idxs[full:])
         return idxs
 
     def _shard_shuffle(self, idxs, rng):
@@ -291,9 +301,7 @@ class MemmapDL(TfmdDL):
         idxs = shm[0][:int(shm[1][0])].numpy() if shm is not None else np.asarray(self._DataLoader__idxs, dtype=np.int64)
         bs = self.bs or 1
         nb = len(idxs) // bs if self.drop_last else -(-len(idxs) // bs)
-        # a shuffled batch is a random set of items: read (and return) them in store order, for locality
-        return (np.sort(idxs[j * bs:(j + 1) * bs]) if self.shuffle else idxs[j * bs:(j + 1) * bs]
-                for j in range(self.offs, nb, self.num_workers))
+        return (idxs[j * bs:(j + 1) * bs] for j in range(self.offs, nb, self.num_workers))
 
     def create_batches(self, samps):
         if not self._plan(): yield from super().create_batches(samps); return
@@ -319,6 +327,7 @@ class MemmapDL(TfmdDL):
             x = torch.from_numpy(arr).as_subclass(TensorMemmap)
             x.lengths = torch.from_numpy(np.ascontiguousarray(shapes))
         else: x = torch.from_numpy(self._store.take(self._gidx[idx])).as_subclass(TensorMemmap)
+        if x.dtype in _UNSIGNED and get_worker_info() is not None: x = x.view(_UNSIGNED[x.dtype])   # torch cannot share uint16+
         ys = []
         for fn, tl in zip(self._tfns, self._ytls):
             if fn is not None: ys.append(fn(idx))
@@ -354,8 +363,10 @@ class MemmapDL(TfmdDL):
             batches = _loaders[0](self.fake_l)
         to_dev = self.device is not None and self.device.type != 'cpu'
         tfm = self.after_batch if self.after_batch.fs else None   # fastai calls even an empty pipeline per batch
+        unsigned = self.fake_l.num_workers and self._store.dtype.kind == 'u' and self._store.dtype.itemsize > 1
         for b in batches:
             if self.pin_memory and type(b) == list: b = tuple(b)
+            if unsigned: b = (b[0].view(_SIGNED[b[0].dtype]), *b[1:])
             if to_dev: b = to_device(b, self.device)
             yield tfm(b) if tfm is not None else b
         self.after_iter()
@@ -405,7 +416,7 @@ class MemmapDL(TfmdDL):
             for tl in ds.tls: tl.splits = L([slice(None), []])   # an empty copy (export) keeps no split lists
         return res
 
-# %% ../nbs/05_data.ipynb #69acc75e
+# %% ../nbs/05_data.ipynb #e956dce3
 def MemmapBlock(
     cls=TensorMemmap,  # The tensor type of the items
     batch_tfms=None,  # Batch transforms for this block
@@ -413,7 +424,7 @@ def MemmapBlock(
     "A `TransformBlock` for items of a `MemmapStore`, batched by `MemmapDL` (use as `MemmapBlock` or `MemmapBlock()`)"
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
-# %% ../nbs/05_data.ipynb #078521b8
+# %% ../nbs/05_data.ipynb #ebfcd934
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)

@@ -58,6 +58,7 @@ def _as_array(x, i, dtype, casting='same_kind'):
     "Item `x` (number `i`) as an array, converted to `dtype` if given"
     try: a = np.asarray(x)
     except ValueError as e: raise IncompatibleDataError(f"item {i} is not an array ({e})") from None
+    if a.dtype.byteorder == '>': a = a.astype(a.dtype.newbyteorder('<'))   # stores are little-endian, as torch needs
     if a.dtype.kind not in 'biufc' or a.dtype.fields is not None:
         raise IncompatibleDataError(f"item {i} has dtype {a.dtype} (not a number array); a store holds numeric or bool items. "
                                     f"Nested lists of different lengths make object arrays: convert each item with np.asarray first.")
@@ -195,6 +196,7 @@ class MemmapWriter:
         if shard_size < 1: raise ValueError("shard_size must be a positive number of bytes")
         self.cols = _meta_columns(meta) if meta is not None else None
         self.dtype = None if dtype is None else check_dtype(dtype)
+        if self.dtype is not None and self.dtype.byteorder == '>': self.dtype = self.dtype.newbyteorder('<')
         self.created = _prepare_dir(self.path, mode)
         self._fd = _lock(self.path)
         try:
@@ -280,7 +282,7 @@ class MemmapWriter:
         if self.cols is None and self.meta_names: raise MetadataError("add_many takes no per-item metadata; give meta= to the writer")
         X = _as_array(X, self.n, self.dtype)
         if X.ndim < 1: raise IncompatibleDataError("add_many needs an array with a leading item axis (n, ...)")
-        if self.item_ndim is None and len(X): self._check(X[0], self.n)
+        if len(X): self._check(X[0], self.n)
         X = _as_array(X, self.n, self.store_dtype if self.item_ndim is not None else None)
         if len(X) and X.shape[1:] != self.item_shape:
             raise IncompatibleDataError(f"the rows have item shape {X.shape[1:]} but the store's item shape is {self.item_shape}")
