@@ -492,6 +492,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'fastai_memmap.write._FileWriter.write': ('write.html#_filewriter.write', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._as_array': ('write.html#_as_array', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._call': ('write.html#_call', 'fastai_memmap/write.py'),
+                                     'fastai_memmap.write._call_many': ('write.html#_call_many', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._chunks': ('write.html#_chunks', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._cleanup': ('write.html#_cleanup', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._imap': ('write.html#_imap', 'fastai_memmap/write.py'),

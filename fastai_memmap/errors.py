@@ -43,4 +43,4 @@ class StoreIndexError(StoreError, IndexError):
     "An item index outside the store"
 
 class ReadError(StoreError):
-    "A user `read_fn` failed on a source while converting data"
+    "A source (a file, or a user `read_fn` on it) could not be read while converting data"

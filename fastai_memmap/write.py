@@ -363,19 +363,27 @@ def _call(fn, src):
     try: return True, fn(src)
     except Exception as e: return False, f"{type(e).__name__}: {e}"
 
-def _imap(fn, sources, n_jobs:int):
-    "Yield `(i, source, (ok, result))` for each source, in order, computing `fn` in `n_jobs` processes"
+def _call_many(fn, srcs): return [_call(fn, s) for s in srcs]
+
+def _imap(fn, sources, n_jobs:int, chunk:int=16):
+    "Yield `(i, source, (ok, result))` for each source, in order, computing `fn` in `n_jobs` processes, `chunk` sources a task"
     if n_jobs <= 1:
         for i, s in enumerate(sources): yield i, s, _call(fn, s)
         return
-    it = enumerate(sources)
+    it, i = iter(sources), 0
+    def _next(): return list(itertools.islice(it, chunk))
     ex = ProcessPoolExecutor(n_jobs)
     try:
-        window = deque((i, s, ex.submit(_call, fn, s)) for i, s in itertools.islice(it, 4 * n_jobs))
+        window = deque()
+        for _ in range(4 * n_jobs):
+            srcs = _next()
+            if srcs: window.append((srcs, ex.submit(_call_many, fn, srcs)))
         while window:
-            i, s, fut = window.popleft()
-            for j, s2 in itertools.islice(it, 1): window.append((j, s2, ex.submit(_call, fn, s2)))
-            yield i, s, fut.result()
+            srcs, fut = window.popleft()
+            if more := _next(): window.append((more, ex.submit(_call_many, fn, more)))
+            for s, r in zip(srcs, fut.result()):
+                yield i, s, r
+                i += 1
     finally: ex.shutdown(wait=True, cancel_futures=True)
 
 def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
