@@ -69,13 +69,13 @@ class MemmapItemList(pd.DataFrame):
         "The store item number of each item, as an int64 array"
         return self.index.to_numpy(np.int64)
 
-# %% ../nbs/05_data.ipynb #0f9c054e
+# %% ../nbs/05_data.ipynb #c9552427
 def memmap_items(
-    path,  # A store directory, or an open `MemmapStore`
+    path,  # A store directory, or an open store (`MemmapStore`, `SparseStore`, ...)
     **kwargs,  # Passed to `MemmapStore` when `path` is a directory
 ) -> MemmapItemList:
     "Every item of the store at `path`, for `DataBlock(get_items=memmap_items)`"
-    store = path if isinstance(path, MemmapStore) else MemmapStore(path, **kwargs)
+    store = path if hasattr(path, 'meta') and hasattr(path, 'take') else MemmapStore(path, **kwargs)   # any open store
     items = MemmapItemList(store.meta, copy=False)
     items.store = store
     return items

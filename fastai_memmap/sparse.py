@@ -19,8 +19,8 @@ from fastai.data.block import TransformBlock
 from .errors import *
 from .format import MANIFEST, check_dtype, fsync_dir
 from .store import MemmapStore, _size
-from .write import MemmapWriter
-from .data import MemmapItem, MemmapItemList, TensorMemmap, MemmapReader, MemmapDL
+from .write import MemmapWriter, _lock
+from .data import MemmapItem, MemmapItemList, TensorMemmap, MemmapReader, MemmapDL, memmap_items
 from .show import show_array
 
 # %% ../nbs/11_sparse.ipynb #e0c4ab25
@@ -177,16 +177,7 @@ def _source(X, dim):
     pairs = isinstance(first, tuple) and len(first) == 2
     return shp, n, pairs, _list_rows(first, it, shp, int(np.prod(shp, dtype=np.int64)), pairs)
 
-# %% ../nbs/11_sparse.ipynb #9fde31bf
-def _lock(path:Path) -> int:
-    "Take the sparse store's writer lock; a second writer gets `StoreLockedError`"
-    fd = os.open(path/'.lock', os.O_RDWR | os.O_CREAT, 0o644)
-    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(f"{path} is being written by another process; wait for it to finish.") from None
-    return fd
-
+# %% ../nbs/11_sparse.ipynb #a1e27cc6
 def _prepare(path:Path, mode:str) -> bool:
     "Check that `path` can take a sparse store in `mode`; create it if needed and say whether it was created"
     if mode not in ('x', 'w'):
@@ -496,10 +487,7 @@ def sparse_items(
     **kwargs,  # Passed to `SparseStore` when `path` is a directory
 ) -> MemmapItemList:
     "Every item of the sparse store at `path`, for `DataBlock(get_items=sparse_items)`"
-    store = path if isinstance(path, SparseStore) else SparseStore(path, **kwargs)
-    items = MemmapItemList(store.meta, copy=False)
-    items.store = store
-    return items
+    return memmap_items(path if isinstance(path, SparseStore) else SparseStore(path, **kwargs))
 
 # %% ../nbs/11_sparse.ipynb #b441c28b
 class TensorSparseItems(TensorMemmap):
