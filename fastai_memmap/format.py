@@ -7,8 +7,8 @@ __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_me
            'shard_name', 'crc32_file', 'fsync_dir', 'validate_manifest', 'read_manifest', 'write_manifest',
            'manifest_files']
 
-# %% ../nbs/01_format.ipynb #158d08ca
-import io, json, os, re, struct, zlib
+# %% ../nbs/01_format.ipynb #bb2f522c
+import io, json, math, os, re, stat, struct, tokenize, zlib
 from pathlib import Path
 import numpy as np
 from .errors import *
@@ -63,7 +63,8 @@ def read_npy_header(f) -> tuple:
     version = np.lib.format.read_magic(f)
     if version not in ((1, 0), (2, 0)): raise ValueError(f"unsupported .npy version {version}")
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f, max_header_size=65536)
+    try: shape, fortran, dtype = read(f, max_header_size=65536)
+    except (SyntaxError, tokenize.TokenError, TypeError) as e: raise ValueError(f"unreadable .npy header ({type(e).__name__}: {e})") from None
     if fortran: raise ValueError("the array is stored in Fortran order")
     if dtype.hasobject: raise ValueError("the array holds Python objects")
     return shape, dtype, f.tell()
@@ -112,12 +113,14 @@ def validate_manifest(m, path='manifest') -> dict:
     need = {'format', 'version', 'dtype', 'item_ndim', 'item_shape', 'length', 'meta', 'shards'}
     if missing := need - set(m): raise _bad(path, f"it lacks the keys {sorted(missing)}")
     try: check_dtype(m['dtype'])
-    except (TypeError, ValueError) as e: raise _bad(path, f"its dtype {m['dtype']!r} is not valid ({e})") from None
+    except (TypeError, ValueError, SyntaxError) as e: raise _bad(path, f"its dtype {m['dtype']!r} is not valid ({e})") from None
     nd, shp, n = m['item_ndim'], m['item_shape'], m['length']
     if type(nd) is not int or not 0 <= nd <= _MAX_NDIM: raise _bad(path, f"item_ndim {nd!r} is not valid")
     if shp is not None:
         if not isinstance(shp, list) or len(shp) != nd or any(type(s) is not int or s < 0 for s in shp):
             raise _bad(path, f"item_shape {shp!r} does not match item_ndim {nd}")
+        if math.prod(shp) * np.dtype(m['dtype']).itemsize > _MAX_ITEMS:
+            raise _bad(path, f"item_shape {shp!r} makes items larger than any store holds")
     if type(n) is not int or not 0 <= n <= _MAX_ITEMS: raise _bad(path, f"length {n!r} is not valid")
     meta = m['meta']
     if not isinstance(meta, list) or not all(isinstance(c, list) and len(c) == 2 and all(isinstance(s, str) for s in c) for c in meta):
@@ -125,7 +128,7 @@ def validate_manifest(m, path='manifest') -> dict:
     if len({c[0] for c in meta}) != len(meta): raise _bad(path, "meta names a column twice")
     for name, dt in meta:
         try: check_meta_dtype(dt, name)
-        except (TypeError, ValueError) as e: raise _bad(path, f"metadata column {name!r} has an invalid dtype ({e})") from None
+        except (TypeError, ValueError, SyntaxError) as e: raise _bad(path, f"metadata column {name!r} has an invalid dtype ({e})") from None
     shards = m['shards']
     if not isinstance(shards, list): raise _bad(path, "shards must be a list")
     total, seen = 0, set()
@@ -151,6 +154,7 @@ def read_manifest(path) -> dict:
         raise StoreNotFoundError(f"no fastai_memmap store at {path} (no {MANIFEST}): create one with write_memmap") from None
     except NotADirectoryError:
         raise StoreNotFoundError(f"{path} is a file, not a store directory") from None
+    if not stat.S_ISREG(st.st_mode): raise _bad(f, "it is not a regular file")
     if st.st_size > 256 << 20: raise _bad(f, f"it is {st.st_size} bytes, more than any manifest needs")
     try: m = json.loads(f.read_bytes())
     except (ValueError, UnicodeDecodeError) as e: raise _bad(f, f"it is not valid JSON ({e})") from None

@@ -156,7 +156,10 @@ class MemmapStore:
         ok = (want_shape is None or shape == want_shape) and (want_dtype is None or dtype == want_dtype)
         ok = ok and hsize + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == e['bytes']
         if kind == 'data' and self.ragged: ok = ok and len(shape) == 1
-        if kind == 'meta': ok = ok and list(dtype.names or ()) == self.meta_columns
+        if kind == 'meta':   # names, and each column's dtype: native and no wider than the manifest says
+            want = dict(self.manifest['meta'])
+            ok = ok and list(dtype.names or ()) == self.meta_columns and all(
+                dtype[c].isnative and np.can_cast(dtype[c], np.dtype(want[c]), 'safe') for c in self.meta_columns)
         if not ok:
             raise CorruptStoreError(f"{self.path}: {e['file']} holds {dtype.descr if dtype.names else dtype} {shape} but the manifest "
                                     f"expects {want_dtype} {want_shape}. Run verify() and restore it from a copy.")

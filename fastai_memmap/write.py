@@ -200,7 +200,7 @@ class MemmapWriter:
         self.created = _prepare_dir(self.path, mode)
         self._fd = _lock(self.path)
         try:
-            try: committed = read_manifest(self.path) if (self.path/MANIFEST).exists() else None
+            try: committed = MemmapStore(self.path).manifest if (self.path/MANIFEST).exists() else None   # files checked too
             except CorruptStoreError:
                 if mode != 'w': raise
                 committed = None   # replacing a damaged store: its files go only once the new one is committed
@@ -211,13 +211,13 @@ class MemmapWriter:
             self.replacing = mode == 'w'
             self.old = committed if mode == 'a' else None
             self.item_shape, self.item_ndim, self.meta_names = None, None, None
-            self.ragged = bool(ragged)
+            self.ragged, self.kinds = bool(ragged), {}
             if self.old is not None: self._from_store(dtype)
             elif self.cols is not None: self.meta_names = list(self.cols)
         except BaseException:
             self._release(); raise
         self.token, self.shards, self.writers, self.n, self.cur = secrets.token_hex(6), [], [], 0, None
-        self.kinds, self.rows, self.store = {}, {}, None
+        self.rows, self.store = {}, None
 
     def _from_store(self, dtype):
         "Take dtype, shape and metadata columns from the store being appended to"
