@@ -9,9 +9,11 @@ From other code: `from bench.remote import bench_remote` (or load this file) and
 `bench_remote(n_items, item_shape, ...)`, which returns samples/s per configuration.
 
 What is timed: `for b in dls.train: pass` for one epoch, from `iter()` to the last batch (worker start-up, and in
-the cold run every download that is not hidden behind reading, included); samples/s = training samples / that time.
-'local' reads the store the script just wrote (page cache warm). 'S3 cold' starts from an empty cache directory;
-'S3 warm' is a second, fresh DataLoaders over the same cache (every shard present unless --cache-limit evicts).
+the cold run every download that is not hidden behind reading, included); samples/s = training samples / that time,
+the median of `repeat` epochs, each with a freshly built DataLoaders. 'local' reads the store the script just wrote
+(page cache warm; one warm-up epoch first). 'S3 cold' starts each epoch from an empty cache directory; 'S3 warm'
+reads through the cache the cold epochs left (every shard present unless --cache-limit evicted some); local and
+warm epochs alternate, after the cold ones.
 The S3 server is moto's on loopback: no network latency or bandwidth limit, but a Python server (its per-request
 and per-byte costs stand in for the network's). Real S3 is ~100-200 MB/s per connection with ~20-50 ms first-byte
 latency; the cold-cache number here is an upper bound for one connection's worth of prefetch.
@@ -38,14 +40,15 @@ def start_moto(port:int=None):
         time.sleep(0.05)
     p.kill(); raise RuntimeError("moto_server did not start in 30 s")
 
-def _epoch(store, bs, num_workers, shuffle_block) -> tuple:
+def _epoch(store, bs, num_workers, shuffle_block, shuffle_window) -> tuple:
     "`(samples/s, seconds)` of one epoch of `dls.train` over `store`, built afresh"
     import numpy as np
     from fastai.data.block import DataBlock, CategoryBlock
     from fastai.data.transforms import ColReader, RandomSplitter
     from fastai_memmap.data import memmap_items, MemmapBlock
     dls = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'),
-                    splitter=RandomSplitter(seed=42)).dataloaders(store, bs=bs, num_workers=num_workers, shuffle_block=shuffle_block)
+                    splitter=RandomSplitter(seed=42)).dataloaders(store, bs=bs, num_workers=num_workers, shuffle_block=shuffle_block,
+                                                                   shuffle_window=shuffle_window)
     dl = dls.train
     try:
         n, t0 = 0, time.perf_counter()
@@ -64,8 +67,10 @@ def bench_remote(
     cache_limit:int=None,  # Bytes the cache may hold (None: no limit, so the warm epoch downloads nothing)
     prefetch:int=2,  # Shards downloaded ahead of the reader
     shuffle_block='shard',  # `MemmapDL`'s block shuffle ('shard': whole shards in random order)
+    shuffle_window:int=2,  # Shards whose items are mixed together (keep it below the cache's size in shards)
     tmp=None,  # Directory for the local store and the cache (default: a new temporary directory, removed at the end)
     endpoint:str=None,  # An S3 endpoint to use instead of starting moto (the bucket `fmm-bench` is created there)
+    repeat:int=3,  # Epochs per configuration; the median is reported
 ) -> dict:
     "Samples/s of one epoch over a local store, the same store on S3 with a cold cache, and with a warm cache"
     import numpy as np
@@ -101,15 +106,23 @@ def bench_remote(
         upload_s = time.perf_counter() - t0
         res = dict(n_items=n_items, item_shape=tuple(item_shape), bs=bs, num_workers=num_workers, n_shards=len(m['shards']),
                    store_mib=sum(e['bytes'] for e in manifest_files(m)) / 2**20, upload_s=upload_s)
-        res['local'], res['local_s'] = _epoch(MemmapStore(local), bs, num_workers, shuffle_block)
-        cache = tmp/'cache'
-        open_t = time.perf_counter()
-        remote = MemmapStore(url, cache_dir=cache, cache_limit=cache_limit, prefetch=prefetch)
-        res['open_s'] = time.perf_counter() - open_t
-        res['s3_cold'], res['s3_cold_s'] = _epoch(remote, bs, num_workers, shuffle_block)
+        run = lambda store: _epoch(store, bs, num_workers, shuffle_block, shuffle_window)
+        med = lambda runs: sorted(runs)[len(runs) // 2]
+        run(MemmapStore(local))   # warm-up: first-call costs of torch and fastai in this process, page cache
+        cold = []
+        for i in range(repeat):   # each cold run starts from an empty cache directory
+            shutil.rmtree(tmp/'cache', ignore_errors=True)
+            open_t = time.perf_counter()
+            remote = MemmapStore(url, cache_dir=tmp/'cache', cache_limit=cache_limit, prefetch=prefetch)
+            res['open_s'] = time.perf_counter() - open_t
+            cold.append(run(remote))
+        res['s3_cold'], res['s3_cold_s'] = med(cold)
         res['cache_mib'] = remote.cache_bytes / 2**20
-        remote = MemmapStore(url, cache_dir=cache, cache_limit=cache_limit, prefetch=prefetch)
-        res['s3_warm'], res['s3_warm_s'] = _epoch(remote, bs, num_workers, shuffle_block)
+        loc, warm = [], []
+        for i in range(repeat):   # local and warm alternate, so that both see the same machine
+            loc.append(run(MemmapStore(local)))
+            warm.append(run(MemmapStore(url, cache_dir=tmp/'cache', cache_limit=cache_limit, prefetch=prefetch)))
+        (res['local'], res['local_s']), (res['s3_warm'], res['s3_warm_s']) = med(loc), med(warm)
         return res
     finally:
         for k, v in saved.items():
@@ -136,6 +149,8 @@ if __name__ == '__main__':
     ap.add_argument('--shard-mib', type=float, default=16)
     ap.add_argument('--cache-limit', type=float, default=None, help='MiB (default: no limit)')
     ap.add_argument('--prefetch', type=int, default=2)
+    ap.add_argument('--shuffle-window', type=int, default=2)
+    ap.add_argument('--repeat', type=int, default=3, help='epochs per configuration (median reported)')
     ap.add_argument('--json', action='store_true', help='also print the raw results as JSON')
     a = ap.parse_args()
     warnings.filterwarnings('ignore')
@@ -143,10 +158,11 @@ if __name__ == '__main__':
     rows = []
     for nw in (int(s) for s in a.num_workers.split(',')):
         rows.append(bench_remote(a.n_items, shape, bs=a.bs, num_workers=nw, shard_size=int(a.shard_mib * 2**20),
-                                 cache_limit=None if a.cache_limit is None else int(a.cache_limit * 2**20), prefetch=a.prefetch))
+                                 cache_limit=None if a.cache_limit is None else int(a.cache_limit * 2**20), prefetch=a.prefetch,
+                                 shuffle_window=a.shuffle_window, repeat=a.repeat))
     print(table(rows))
     r = rows[0]
     print(f"\nS3 = moto_server on 127.0.0.1 (separate process); upload {r['upload_s']:.1f} s, open {r['open_s'] * 1e3:.0f} ms, "
-          f"cache after the cold epoch {r['cache_mib']:.0f} MiB; bs {a.bs}, shuffle_block='shard', prefetch {a.prefetch}, "
+          f"cache after the cold epoch {r['cache_mib']:.0f} MiB; bs {a.bs}, shuffle_block='shard', shuffle_window {a.shuffle_window}, prefetch {a.prefetch}, "
           f"cache limit {'none' if a.cache_limit is None else f'{a.cache_limit:g} MiB'}; {os.cpu_count()} cores.")
     if a.json: print(json.dumps(rows, indent=1))

@@ -7,3 +7,4 @@ from fastai_memmap.show import *
 from fastai_memmap.subsets import *
 from fastai_memmap.sparse import *
 from fastai_memmap.convert import *
+from fastai_memmap.remote import *

@@ -418,12 +418,14 @@ def write_memmap(
     n_jobs:int=1,  # Processes running `read_fn` in parallel
     on_error:str='raise',  # A failing `read_fn`: 'raise' (stop, commit nothing) or 'skip' (listed in `store.skipped`)
     source_col:str=None,  # With `read_fn`: store each source, as a string, in this metadata column
+    **kwargs,  # Passed to a registered writer (e.g. `storage_options` for a URL)
 ) -> MemmapStore:
     "Write `data` (and `meta`) to the store at `path` in one atomic commit, and return it opened for reading"
     for accepts, write in _WRITERS:
         if accepts(path, data): return write(path, data, meta=meta, mode=mode, dtype=dtype, ragged=ragged, shard_size=shard_size,
                                        progress=progress, total=total, read_fn=read_fn, n_jobs=n_jobs, on_error=on_error,
-                                       source_col=source_col)
+                                       source_col=source_col, **kwargs)
+    if kwargs: raise TypeError(f"write_memmap() got unexpected keyword arguments {sorted(kwargs)}")
     if isinstance(data, (str, bytes, dict)) or not (_is_arraylike(data) or hasattr(data, '__iter__')):
         raise IncompatibleDataError(f"data must be an array or an iterable of arrays, not {type(data).__name__}")
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
