@@ -8,3 +8,5 @@ from fastai_memmap.subsets import *
 from fastai_memmap.sparse import *
 from fastai_memmap.convert import *
 from fastai_memmap.remote import *
+from fastai_memmap.dask_io import *
+from fastai_memmap.distrib import *

@@ -34,7 +34,7 @@ class _FileWriter:
     def write(self, a:np.ndarray):
         "Append rows `a` (shape `(k, *item_shape)`, already of `dtype`)"
         a = np.ascontiguousarray(a)
-        mv = memoryview(a).cast('B')
+        mv = memoryview(a.reshape(-1).view(np.uint8))   # any dtype, datetimes included
         self.f.write(mv)
         self.crc = zlib.crc32(mv, self.crc)
         self.n += len(a)
