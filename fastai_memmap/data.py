@@ -6,10 +6,9 @@
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'setups', 'block_shuffle', 'MemmapDL',
            'MemmapBlock', 'show_batch', 'show_results']
 
-# %% ../nbs/05_data.ipynb #cca2ea6b
-import math, threading, warnings
+# %% ../nbs/05_data.ipynb #29878710
+import threading, warnings
 import numpy as np, pandas as pd, torch
-import matplotlib.pyplot as plt
 from plum import dispatch, Function
 from fastcore.basics import store_attr
 from fastai.torch_core import TensorBase, TensorCategory, to_device
@@ -17,7 +16,7 @@ from fastai.data.load import _loaders, fa_collate
 from torch.utils.data import get_worker_info
 from fastai.torch_core import retain_types
 from fastai.data.transforms import CategoryMap
-from fastai.data.core import TfmdDL, Datasets, show_batch, show_results, get_show_batch_func
+from fastai.data.core import TfmdDL, show_batch, show_results, get_show_batch_func
 from fastai.data.block import TransformBlock
 from fastai.data.transforms import ColReader, Categorize, RegressionSetup, ToTensor
 from fasttransform import Transform

@@ -17,7 +17,6 @@ from fastai.metrics import accuracy
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.schedule  # adds Learner.fit_one_cycle
 from .write import write_memmap
-from .store import MemmapStore
 from .data import MemmapBlock, memmap_items
 
 # %% ../nbs/06_demo.ipynb #0fdc1397

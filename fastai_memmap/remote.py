@@ -9,7 +9,6 @@ __all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStor
 import contextlib, fcntl, hashlib, io, json, os, re, tempfile, threading, time, weakref, zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-import numpy as np
 from .errors import *
 from .format import *
 from .format import _NAME_RE

@@ -6,8 +6,8 @@
 __all__ = ['SPARSE_MANIFEST', 'write_sparse', 'SparseStore', 'sparse_items', 'TensorSparseItems', 'SparseReader', 'SparseBatch',
            'SparseBlock']
 
-# %% ../nbs/11_sparse.ipynb #3a893590
-import fcntl, json, os, re, secrets, shutil, warnings
+# %% ../nbs/11_sparse.ipynb #0473fda9
+import json, os, re, secrets, shutil, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 import scipy.sparse as sp

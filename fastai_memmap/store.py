@@ -299,7 +299,7 @@ class MemmapStore:
 
     def plot_summary(self, label:str=None, figsize=(10, 3)):
         "A summary figure: counts of metadata column `label` (if given), item sizes (ragged stores), and a few items"
-        from fastai_memmap.show import array_grid, show_array
+        from fastai_memmap.show import array_grid
         panels = (['label'] if label else []) + (['sizes'] if self.ragged else [])
         axs = array_grid(len(panels) + 2, ncols=len(panels) + 2, figsize=figsize)
         axs[0].figure.suptitle(repr(self), fontsize=8)

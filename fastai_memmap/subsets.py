@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['filter_items', 'subset_items', 'repeat_items', 'oversample_weights', 'StratifiedSplitter']
 
-# %% ../nbs/13_subsets.ipynb #5aadbfb7
-import numpy as np, pandas as pd
+# %% ../nbs/13_subsets.ipynb #c497876f
+import numpy as np
 from .data import MemmapItemList
 
 # %% ../nbs/13_subsets.ipynb #88599766

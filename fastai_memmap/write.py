@@ -9,7 +9,6 @@ __all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap']
 import fcntl, itertools, os, secrets, zlib, shutil
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 import warnings
 import numpy as np, pandas as pd
