@@ -515,5 +515,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'fastai_memmap.write._prepare_dir': ('write.html#_prepare_dir', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._read_items': ('write.html#_read_items', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._save': ('write.html#_save', 'fastai_memmap/write.py'),
+                                     'fastai_memmap.write.combine_stores': ('write.html#combine_stores', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write.register_writer': ('write.html#register_writer', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write.write_memmap': ('write.html#write_memmap', 'fastai_memmap/write.py')}}}
