@@ -74,8 +74,10 @@ def _flock(path, block:bool=True):
             yield False
             return
         yield True
-    finally:
+    finally:   # unlock explicitly: a child forked meanwhile may share this descriptor, and closing ours would not release it
         _LOCK_FDS.discard(fd)
+        try: fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError: pass
         os.close(fd)
 
 # %% ../nbs/08_remote.ipynb #06810859

@@ -234,7 +234,9 @@ class MemmapWriter:
                                 f"give the same columns")
 
     def _release(self):
-        if getattr(self, '_fd', None) is not None: os.close(self._fd); self._fd = None
+        "Unlock explicitly (a process forked meanwhile may share the descriptor), then close"
+        if getattr(self, '_fd', None) is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN); os.close(self._fd); self._fd = None
 
     # --- items
     def _check(self, a:np.ndarray, i:int):
