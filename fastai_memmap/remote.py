@@ -412,11 +412,12 @@ class RemoteStore(MemmapStore):
 
     def _drop_evicted(self, ps:_Proc, keep):
         "Forget this process's maps of files that were evicted (their disk space is freed once nothing maps them)"
-        for key in [key for key in self._maps if key != keep]:
+        maps = self._fresh()
+        for key in [key for key in maps.keys() if key != keep]:
             name = self.manifest['shards'][key[0]][key[1]]['file']
             try: gone = os.stat(ps.cache.path/name).st_ino != ps.inodes.get(name)
             except FileNotFoundError: gone = True
-            if gone: self._maps.pop(key, None)
+            if gone: maps.pop(key)
 
     def verify(self, progress:bool=True) -> 'RemoteStore':
         "Download every file (each is checked as it arrives) and check it as `MemmapStore.verify` does"
