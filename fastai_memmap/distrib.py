@@ -8,19 +8,8 @@ __all__ = ['rank_idxs', 'comm_device']
 # %% ../nbs/10_distrib.ipynb #08e71de6
 import numpy as np, torch, torch.distributed as dist
 from fastcore.basics import patch
-from fastai.data.core import TfmdDL
-from fastai.data.load import _loaders
 from fastai.torch_core import to_device
-from fastai.data.transforms import Categorize
-from plum import Function
 from .data import MemmapDL
-if not isinstance(Categorize.setups, Function):   # keep it a plum Function, which fastai.tabular (imported by fastai.distributed) extends
-    Categorize.setups = Function(Categorize.setups).dispatch(Categorize.setups)
-try: from fastai.distributed import DistributedDL, DistributedTrainer
-except (ImportError, NameError): DistributedDL = DistributedTrainer = None   # fastai.distributed cannot be imported without `accelerate`
-
-# %% ../nbs/10_distrib.ipynb #499d1216
-__all__ = ['comm_device', 'rank_idxs']
 
 # %% ../nbs/10_distrib.ipynb #0b56907d
 def rank_idxs(
@@ -51,82 +40,30 @@ def _broadcast_idxs(idxs, src:int=0) -> np.ndarray:
     return t.cpu().numpy()
 
 # %% ../nbs/10_distrib.ipynb #d1d03396
-def _memmap_dl(ddl):
-    "The `MemmapDL` that `DistributedDL` `ddl` wraps, if it reads whole batches; else None"
-    dl = ddl.dl
-    return dl if isinstance(dl, MemmapDL) and dl._plan() else None
+@patch
+def _ddp_broadcast(self:MemmapDL, ddl, t, rank:int) -> list:
+    "`DistributedDL._broadcast` for this loader: on the device the process group communicates on"
+    return _broadcast_idxs(t, rank).tolist()
 
-def _epoch_batches(dl:MemmapDL, idxs:np.ndarray, num_workers:int):
-    "Batches of `dl` over the items `idxs`, each read in one `store.take`"
-    if num_workers == 0: return dl.create_batches(dl._set_idxs(idxs))
-    if dl.persistent:
-        dl._idle_timer(None)
-        return dl._persistent_batches(idxs)
-    dl._DataLoader__idxs = idxs
-    return _loaders[0](dl.fake_l)
+@patch
+def _ddp_get_idxs(self:MemmapDL, ddl) -> np.ndarray:
+    "This process's piece of rank 0's epoch order (see `rank_idxs`), for `DistributedDL` `ddl`"
+    idxs = _broadcast_idxs(self.get_idxs(), 0)
+    ddl.n = len(idxs)
+    ddl.n_padded = -(-ddl.n // ddl.world_size) * ddl.world_size
+    return rank_idxs(idxs, ddl.rank, ddl.world_size)
 
-def _original(cls, name):
-    "fastai's own `cls.name`, set aside the first time it is patched (so that patching twice changes nothing)"
-    key = f'_fastai_{name.strip("_")}'
-    if key not in cls.__dict__: setattr(cls, key, getattr(cls, name))
-    return cls.__dict__[key]
+@patch
+def _ddp_len(self:MemmapDL, ddl) -> int:
+    "Batches each process reads in an epoch"
+    per, bs = -(-self.n // ddl.world_size), ddl.bs or 1
+    return per // bs if ddl.drop_last else -(-per // bs)
 
-# %% ../nbs/10_distrib.ipynb #6b19411c
-if DistributedDL is not None:
-    _original(DistributedDL, 'get_idxs'); _original(DistributedDL, '__len__'); _original(DistributedTrainer, '__init__')
-
-    @patch
-    def _broadcast(self:DistributedDL, t, rank):
-        "Broadcast `t` from rank `rank` to all ranks, on the device the process group communicates on"
-        return _broadcast_idxs(t, rank).tolist()
-
-    @patch
-    def get_idxs(self:DistributedDL):
-        "This process's piece of rank 0's epoch order (see `rank_idxs`)"
-        if _memmap_dl(self) is None: return self._fastai_get_idxs()
-        idxs = _broadcast_idxs(self.dl.get_idxs(), 0)
-        self.n = len(idxs)
-        self.n_padded = -(-self.n // self.world_size) * self.world_size
-        return rank_idxs(idxs, self.rank, self.world_size)
-
-    @patch
-    def __len__(self:DistributedDL):
-        if _memmap_dl(self) is None: return self._fastai_len()
-        per, bs = -(-self.dl.n // self.world_size), self.bs or 1
-        return per // bs if self.drop_last else -(-per // bs)
-
-    @patch
-    def __iter__(self:DistributedDL):
-        dl = _memmap_dl(self)
-        if dl is None: yield from TfmdDL.__iter__(self); return
-        self.randomize(); self.before_iter()
-        workers = self.fake_l.num_workers   # 0 inside `one_batch`
-        to_dev = self.device is not None and self.device.type != 'cpu'
-        for b in _epoch_batches(dl, self.get_idxs(), workers):
-            if self.pin_memory and type(b) == list: b = tuple(b)
-            if to_dev: b = to_device(b, self.device)
-            yield self.after_batch(b)
-        self.after_iter()
-        if workers and dl.persistent: dl._idle_timer(dl.idle_timeout)
-
-# %% ../nbs/10_distrib.ipynb #318e49b3
-def _no_accelerator() -> bool:
-    acc = getattr(torch, 'accelerator', None)
-    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
-
-def _param_device(model):
-    d = getattr(model, 'device', None)
-    if isinstance(d, torch.device): return d
-    p = next(iter(model.parameters()), None)
-    return None if p is None else p.device
-
-if DistributedTrainer is not None:
-    @patch
-    def __init__(self:DistributedTrainer, sync_bn=True, **kwargs):
-        if _no_accelerator(): kwargs.setdefault('cpu', True)
-        if kwargs.get('cpu'): sync_bn = False   # SyncBatchNorm runs on GPUs only
-        self._fastai_init(sync_bn, **kwargs)
-
-    @patch
-    def _wrap_dl(self:DistributedTrainer, dl):
-        return dl if isinstance(dl, DistributedDL) else DistributedDL(dl, device=_param_device(self.learn.model))
+@patch
+def _ddp_iter(self:MemmapDL, ddl):
+    "An epoch of `DistributedDL` `ddl`: this process's piece, read a batch at a time in this loader's threads"
+    ddl.randomize(); ddl.before_iter()
+    for b in self._load(ddl.get_idxs(), ddl.fake_l.num_workers):   # 0 inside `one_batch`
+        if ddl.device is not None and ddl.device.type != 'cpu': b = to_device(b, ddl.device, non_blocking=True)
+        yield ddl.after_batch(b)
+    ddl.after_iter()

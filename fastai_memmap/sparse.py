@@ -22,6 +22,7 @@ from .store import MemmapStore, _size
 from .write import MemmapWriter, _lock
 from .data import MemmapItem, MemmapItemList, TensorMemmap, MemmapReader, MemmapDL, memmap_items
 from .show import show_array
+from .patches import mark_sparse
 
 # %% ../nbs/11_sparse.ipynb #e0c4ab25
 __all__ = ['SPARSE_MANIFEST', 'write_sparse', 'SparseStore', 'sparse_items', 'TensorSparseItems', 'SparseReader',
@@ -509,11 +510,12 @@ class SparseBatch(Transform):
         self.dense, self.layout = dense, layout
 
     def _sparse(self, x):
-        if self.layout == 'coo': return x if x.layout == torch.sparse_coo else x.to_sparse_coo().coalesce()
-        if x.layout == torch.sparse_csr: return x
+        "`x` in this transform's sparse layout, marked as this package's (so fastai's `CastToTensor` lets it pass)"
+        if self.layout == 'coo': return mark_sparse(x if x.layout == torch.sparse_coo else x.to_sparse_coo().coalesce())
+        if x.layout == torch.sparse_csr: return mark_sparse(x)
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', 'Sparse CSR tensor support is in beta')
-            return x.to_sparse_csr()
+            return mark_sparse(x.to_sparse_csr())
 
     def encodes(self, x:TensorSparseItems) -> torch.Tensor:   # a dense batch from the per-item path
         return x if self.dense else self._sparse(x.as_subclass(torch.Tensor))
@@ -522,18 +524,6 @@ class SparseBatch(Transform):
         return TensorSparseItems(x.to_dense()) if self.dense else self._sparse(x)
     def decodes(self, x:torch.Tensor) -> torch.Tensor:
         return x if x.layout == torch.strided else TensorSparseItems(x.to_dense())
-
-# %% ../nbs/11_sparse.ipynb #99866e8e
-import fastai.learner as _learner
-_cast_tensor = getattr(_learner._cast_tensor, '_orig', _learner._cast_tensor)   # fastai's own, even if patched already
-
-def _cast_tensor_sparse_ok(x):
-    "fastai's `_cast_tensor`, leaving torch sparse tensors (which cannot be re-typed) as they are"
-    if isinstance(x, tuple): return tuple(_cast_tensor_sparse_ok(o) for o in x)
-    return x if isinstance(x, torch.Tensor) and x.layout != torch.strided else _cast_tensor(x)
-
-_cast_tensor_sparse_ok._orig = _cast_tensor
-_learner._cast_tensor = _cast_tensor_sparse_ok
 
 # %% ../nbs/11_sparse.ipynb #64132474
 def SparseBlock(

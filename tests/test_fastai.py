@@ -95,12 +95,17 @@ def quiet(learn):
 # fastai's DataLoader takes no start-method argument (`_FakeLoader.multiprocessing_context` is the `multiprocessing`
 # module), so each start method runs in a fresh process that sets it globally before building the loaders.
 WORKER_SCRIPT = '''
-import multiprocessing, random, sys, warnings
+import multiprocessing, random, sys, threading, warnings
 from pathlib import Path
+from fasttransform import Transform
+
+class Ident(Transform):
+    "An identity item transform (picklable: spawn and forkserver workers import this script)"
+    def encodes(self, o): return o
 
 def main(ctx, d):
     import numpy as np, torch
-    from fastai.data.all import DataBlock, CategoryBlock, ColReader, RandomSplitter
+    from fastai.data.all import DataBlock, CategoryBlock, ColReader, RandomSplitter, Pipeline
     from fastai.torch_core import TensorCategory
     from fastai_memmap.write import write_memmap
     from fastai_memmap.data import MemmapBlock, TensorMemmap, memmap_items
@@ -128,14 +133,17 @@ def main(ctx, d):
         assert (np.array(dls2.vocab)[ys] == labels[ids]).all(), name   # labels belong to their items
         return ids
 
-    def workers(dl):
-        "The loader's worker processes are alive (persistent) and were started by `ctx`"
+    def epoch_with(dl, processes):
+        "An epoch of `dl`, checking midway who loads: threads of this process, or worker processes started by `ctx`"
+        it = iter(dl); bs_ = [next(it)]
         kids = multiprocessing.active_children()
-        assert len(kids) >= 2 and all(type(p._popen).__module__.endswith(popen) for p in kids), [type(p._popen) for p in kids]
+        threads = [t for t in threading.enumerate() if t.name.startswith('fastai_memmap')]
+        if processes: assert len(kids) >= 2 and all(type(p._popen).__module__.endswith(popen) for p in kids), kids
+        else: assert kids == [] and len(threads) == 2, (kids, threads)
+        return bs_ + list(it)
 
-    # valid loader (not shuffled): 2 workers == no workers, in order
-    b0, b2 = list(dls0.valid), list(dls2.valid)
-    workers(dls2.valid)
+    # valid loader (not shuffled): 2 threads == no threads, in order
+    b0, b2 = list(dls0.valid), epoch_with(dls2.valid, processes=False)
     ids = check(b0, b2, 'valid')
     assert (ids == dls2.valid_ds.items.index.to_numpy()).all()
     print('valid ok', len(b2))
@@ -147,8 +155,7 @@ def main(ctx, d):
     train_ids = np.sort(dls2.train_ds.items.index.to_numpy())
     orders = []
     for ep in range(2):
-        b0, b2 = list(tr0), list(tr2)
-        workers(tr2)
+        b0, b2 = list(tr0), epoch_with(tr2, processes=False)
         ids = check(b0, b2, f'train epoch {ep}')
         assert len(ids) == len(train_ids) and (np.sort(ids) == train_ids).all(), (ep, len(ids), len(set(ids)))
         orders.append(ids)
@@ -156,16 +163,13 @@ def main(ctx, d):
     assert not (orders[0] == train_ids).all()            # and a shuffled one
     print('train ok', len(orders[0]))
 
-    # train loader, not shuffled: 2 workers == no workers
-    if ctx == 'fork':
-        b0 = list(dls0.train.new(shuffle=False, drop_last=False))
-        t2 = dls2.train.new(shuffle=False, drop_last=False)
-        b2 = list(t2)
-        workers(t2)
-        ids = check(b0, b2, 'train unshuffled')
-        assert (ids == dls2.train_ds.items.index.to_numpy()).all()
-        t2.shutdown_workers()
-    for dl in (dls2.train, dls2.valid): dl.shutdown_workers()
+    # fastai's per-item path (an item transform) keeps worker processes, started by `ctx`: same batches as in-process
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        p0, p2 = (dl.new(after_item=Pipeline([Ident()])) for dl in (dls0.train, dls2.train))
+    p0.rng, p2.rng = random.Random(3), random.Random(3)
+    assert not p2._plan()
+    check(list(p0), epoch_with(p2, processes=True), 'per-item path')
     print('done', ctx)
 
 if __name__ == '__main__': main(sys.argv[1], sys.argv[2])
@@ -403,9 +407,7 @@ def batches_through_workers(tmp_path, dt):
     X = dtype_values(dt, 40, (3, 2))
     write_memmap(tmp_path/f'{dt}.fmm', X, meta={'label': CLASSES[np.arange(40) % 3]}, progress=False)
     dls = cat_dblock().dataloaders(tmp_path/f'{dt}.fmm', bs=8, num_workers=2)
-    try:
-        got = torch.cat([x.as_subclass(torch.Tensor) for x, y in epoch(dls.valid)])
-    finally: dls.valid.shutdown_workers()
+    got = torch.cat([x.as_subclass(torch.Tensor) for x, y in epoch(dls.valid)])
     want = torch.from_numpy(X[dls.valid_ds.items.index.to_numpy()])
     assert got.dtype == want.dtype and got.numpy().tobytes() == want.numpy().tobytes(), dt
 

@@ -179,14 +179,11 @@ def test_train_with_cache_smaller_than_store(s3, tmp_path):
                        splitter=_sorted_split)
     dls = dblock.dataloaders(store, bs=64, num_workers=2, shuffle_block='shard', shuffle_window=1)
     learn = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(D, 3)), loss_func=CrossEntropyLossFlat())
-    try:
-        with _Watch(store.cache_path, entries) as watch, _Gets('train.fmm/data-') as gets, learn.no_bar(), learn.no_logging():
-            learn.fit(1, lr=1e-2)
-        # the validation set, read in order through the workers, is exactly the data
-        with _Watch(store.cache_path, entries) as watch2:
-            xs = torch.cat([x for x, _ in dls.valid])
-    finally:
-        dls.train.shutdown_workers(); dls.valid.shutdown_workers()
+    with _Watch(store.cache_path, entries) as watch, _Gets('train.fmm/data-') as gets, learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=1e-2)
+    # the validation set, read in order by the loading threads, is exactly the data
+    with _Watch(store.cache_path, entries) as watch2:
+        xs = torch.cat([x for x, _ in dls.valid])
     np.testing.assert_array_equal(xs.numpy(), X[dls.valid.dataset.items.store_idxs])
     # shard-window shuffle: each shard is downloaded about once per pass (a training epoch and a validation pass)
     assert w.n_shards <= gets.n <= 3 * w.n_shards, (gets.n, w.n_shards)

@@ -26,8 +26,7 @@ def data(tmp_path_factory):
     return tmp, X, y, s, d
 
 def _dls(path, blk, items=sparse_items, **kw):
-    # no workers unless asked (test_two_workers): loaders with persistent workers that are garbage-collected
-    # without `shutdown_workers()` can wait seconds in torch's `__del__` (not specific to sparse stores)
+    # no loading threads unless asked (test_two_workers)
     kw.setdefault('num_workers', 0)
     return DataBlock(blocks=(blk, CategoryBlock), get_items=items, get_y=ColReader('label'),
                      splitter=RandomSplitter(seed=42)).dataloaders(path, bs=64, **kw)
@@ -169,7 +168,6 @@ def test_two_workers(data):
         for (xw, yw), (xr, yr) in zip(got, ref):
             assert torch.equal(xw.to_dense() if xw.layout != torch.strided else xw, xr.as_subclass(torch.Tensor)) and torch.equal(yw, yr)
         assert sum(len(yb) for _, yb in dls.train) == len(dls.train) * 64   # a shuffled epoch through the workers
-        dls.train.shutdown_workers(); dls.valid.shutdown_workers()
 
 def test_export_load_learner(data, tmp_path):
     tmp, X, y, s, d = data
