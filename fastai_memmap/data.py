@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
-           'MemmapBlock', 'show_batch', 'show_results']
+           'MemmapBlock', 'show_batch', 'show_results', 'plot_top_losses']
 
 # %% ../nbs/05_data.ipynb #29878710
 import warnings
@@ -209,7 +209,7 @@ class MemmapDL(TfmdDL):
         self._shard_of = np.searchsorted(items.store._starts, gidx, 'right') - 1
         self._tfns = [_target_fn(tl) for tl in tls[1:]]
         self._ytls = list(tls[1:])
-        self._bufs = None
+        self._bufs, self._item_bytes = None, 0 if items.store.ragged else items.store.dtype.itemsize * int(np.prod(items.store.item_shape))
         self._fast = True
         return True
 
@@ -288,12 +288,13 @@ def _out(self:MemmapDL, n:int):
     "An array to gather `n` items into (pinned for a GPU; reused for large batches), or None for a fresh one"
     s = self._store
     if s.ragged or hasattr(s, 'read_batch'): return None
+    pin = self.pin_memory or (self.device is not None and self.device.type == 'cuda')
+    if not pin and n * self._item_bytes < _BUF_BYTES: return None   # small batches: a fresh array is fastest
     shape = (n, *s.item_shape)
-    if self.pin_memory or (self.device is not None and self.device.type == 'cuda'):
-        if torch.cuda.is_available():   # torch's caching host allocator reuses pinned blocks once their copies are done
-            return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, s.dtype)).dtype, pin_memory=True).numpy()
-    if n * s.dtype.itemsize * int(np.prod(s.item_shape)) < _BUF_BYTES: return None
-    if self._bufs is None or self._bufs.shape != shape: self._bufs = BufferPool(shape, s.dtype, max_free=2 * self.prefetch_factor * max(1, self.fake_l.num_workers) + 4)
+    if pin and torch.cuda.is_available():   # torch's caching host allocator reuses pinned blocks once their copies are done
+        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, s.dtype)).dtype, pin_memory=True).numpy()
+    if self._bufs is None or self._bufs.shape != shape:
+        self._bufs = BufferPool(shape, s.dtype, max_free=self.prefetch_factor * max(1, self.fake_l.num_workers) + 4)
     return self._bufs.get()
 
 @patch
@@ -347,7 +348,7 @@ def _load(self:MemmapDL, idxs, n_threads:int):
     if hasattr(self._store, 'prefetch') and len(idxs):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[idxs]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(n_threads, self.prefetch_factor * n_threads)(self._read, self._batch_idxs(idxs))
+    return Prefetcher(n_threads, self.prefetch_factor)(self._read, self._batch_idxs(idxs))
 
 @patch
 def _deliver(self:MemmapDL, b, after_batch):
@@ -363,7 +364,7 @@ def __iter__(self:MemmapDL):
     self.after_iter()
 
 # %% ../nbs/05_data.ipynb #5d00000d
-_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_bufs')
+_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_bufs', '_item_bytes')
 
 @patch
 def __getstate__(self:MemmapDL): return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}
@@ -387,17 +388,80 @@ def MemmapBlock(
     return TransformBlock(type_tfms=MemmapReader(), batch_tfms=batch_tfms, dl_type=MemmapDL)
 
 # %% ../nbs/05_data.ipynb #ebfcd934
+from fastai.interpret import plot_top_losses   # fastai's dispatch, which the methods below extend
+
+def _text(o) -> str:
+    "A target or prediction as title text: a category's name, a number to 3 significant digits, categories joined by ';'"
+    if isinstance(o, torch.Tensor): o = o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, np.generic): o = o.item()
+    if isinstance(o, float): return f'{o:.3g}'
+    if isinstance(o, str) or not hasattr(o, '__iter__'): return str(o)
+    o = list(o)
+    return _text(o[0]) if len(o) == 1 else ';'.join(map(_text, o))
+
+def _is_array(o) -> bool: return isinstance(o, torch.Tensor) and o.ndim >= 1 and not isinstance(o, TensorCategory)
+
+def _draw(s, ax, lengths=None, title=None, color='black', **kwargs):
+    "Draw input `s` on `ax` (at its true shape `lengths` if padded), titled `title` in `color`"
+    show_array(s, ctx=ax, shape=None if lengths is None else lengths.tolist(), **kwargs)
+    if title is not None: ax.set_title(title, fontsize=9, color=color)
+    return ax
+
+def _grid(n:int, per:int, nrows, ncols, figsize) -> list:
+    "Axes for `n` items of `per` panels each: `per` columns per item when items have several panels"
+    if per == 1:
+        if nrows and not ncols: ncols = -(-n // nrows)
+        return array_grid(n, nrows=nrows, ncols=ncols, figsize=figsize)
+    return array_grid(n * per, ncols=per * (ncols or 1), figsize=figsize)
+
 @dispatch
 def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
-    if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
+    n = min(len(samples), max_n)
     lengths = getattr(x, 'lengths', None)
-    if lengths is None: return get_show_batch_func(object)(x, y, samples, ctxs=ctxs, max_n=max_n, **kwargs)
-    for i, (s, c) in enumerate(zip(samples, ctxs)):   # ragged items, each at its own extent
-        s[0].show(ctx=c, shape=lengths[i].tolist(), **kwargs)
-        for o in s[1:]: o.show(ctx=c, **kwargs)
-    return ctxs
+    arr = len(samples[0]) > 1 and _is_array(samples[0][1])
+    axs = ctxs if ctxs is not None else _grid(n, 2 if arr else 1, nrows, ncols, figsize)
+    for i, s in enumerate(samples[:n]):
+        L_ = None if lengths is None else lengths[i]
+        if arr:
+            _draw(s[0], axs[2 * i], L_, 'input', **kwargs); _draw(s[1], axs[2 * i + 1], None, 'target', **kwargs)
+        else: _draw(s[0], axs[i], L_, _text(s[1]) if len(s) > 1 else None, **kwargs)
+    if ctxs is None: axs[0].figure.tight_layout()
+    return axs
 
 @dispatch
 def show_results(x:TensorMemmap, y, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
-    if ctxs is None: ctxs = array_grid(min(len(samples), max_n), nrows=nrows, ncols=ncols, figsize=figsize)
-    return show_results.invoke(object, object, object, object)(x, y, samples, outs, ctxs=ctxs, max_n=max_n, **kwargs)
+    n = min(len(samples), max_n)
+    lengths = getattr(x, 'lengths', None)
+    arr = len(samples[0]) > 1 and _is_array(samples[0][1])
+    axs = ctxs if ctxs is not None else _grid(n, 3 if arr else 1, nrows, ncols, figsize)
+    for i, (s, o) in enumerate(zip(samples[:n], outs)):
+        L_ = None if lengths is None else lengths[i]
+        if arr:
+            for j, (a, t) in enumerate(((s[0], 'input'), (s[1], 'target'), (o[0], 'prediction'))): _draw(a, axs[3 * i + j], L_ if j == 0 else None, t, **kwargs)
+            continue
+        pred, actual = _text(o[0]), _text(s[1])
+        numeric = isinstance(s[1], (float, int)) or (isinstance(s[1], torch.Tensor) and s[1].is_floating_point())
+        color = 'black' if numeric else 'green' if pred == actual else 'red'
+        _draw(s[0], axs[i], L_, f'{pred}/{actual}', color, **kwargs)
+    if ctxs is None: axs[0].figure.tight_layout()
+    return axs
+
+@dispatch
+def plot_top_losses(x:TensorMemmap, y, samples, outs, raws, losses, nrows=None, ncols=None, figsize=None, **kwargs):
+    n = len(samples)
+    arr = _is_array(samples[0][1])
+    axs = _grid(n, 3 if arr else 1, nrows, ncols, figsize)
+    lengths = getattr(x, 'lengths', None)
+    t0 = samples[0][1]
+    numeric = isinstance(t0, float) or (isinstance(t0, torch.Tensor) and t0.is_floating_point())
+    classes = raws.ndim == 2 and raws.shape[1] > 1 and not arr and not numeric
+    axs[0].figure.suptitle('Input/Target/Prediction (loss)' if arr else 'Prediction/Actual/Loss' + '/Probability' * classes, fontsize=10)
+    for i, (s, o, r, l) in enumerate(zip(samples, outs, raws, losses)):
+        L_ = None if lengths is None else lengths[i]
+        if arr:
+            for j, (a, t) in enumerate(((s[0], f'input ({l.item():.2f})'), (s[1], 'target'), (o[0], 'prediction'))): _draw(a, axs[3 * i + j], L_ if j == 0 else None, t, **kwargs)
+            continue
+        t = f'{_text(o[0])}/{_text(s[1])} / {l.item():.2f}' + (f' / {r.max().item():.2f}' if classes else '')
+        _draw(s[0], axs[i], L_, t, **kwargs)
+    axs[0].figure.tight_layout()   # room for the titles and the figure's title
+    return axs

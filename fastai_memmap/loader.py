@@ -6,38 +6,50 @@
 __all__ = ['Prefetcher', 'BufferPool']
 
 # %% ../nbs/04b_loader.ipynb #4b000005
-import os, sys, threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import queue, sys, threading
 import numpy as np
 
 # %% ../nbs/04b_loader.ipynb #4b000007
+_STOP = object()
+
+class _Failed:
+    "An exception raised by a job, carried to the consumer"
+    def __init__(self, e): self.e = e
+
 class Prefetcher:
-    "Compute `fn(job)` for a stream of jobs in `n_threads` threads, `depth` ahead of the consumer, yielding results in order"
+    "Compute `fn(job)` for a list of jobs in `n_threads` threads, ahead of the consumer, yielding results in order"
     def __init__(self,
                  n_threads:int,  # Threads computing jobs (0: compute each job in the consumer's thread, when asked for)
-                 depth:int=None):  # Jobs computed ahead of the consumer (default: 2 per thread)
+                 depth:int=2):  # Jobs each thread computes ahead of the consumer
         if n_threads < 0: raise ValueError(f"n_threads must be 0 or more, not {n_threads}")
-        self.n_threads, self.depth = int(n_threads), max(1, int(depth or 2 * n_threads or 1))
+        self.n_threads, self.depth = int(n_threads), max(1, int(depth))
 
     def __call__(self, fn, jobs):
         "A generator of `fn(job)` for each of `jobs`, in order"
-        if self.n_threads == 0:
+        jobs, n = list(jobs), min(self.n_threads, len(jobs))
+        if n == 0:
             for j in jobs: yield fn(j)
             return
-        pool, it, futs = ThreadPoolExecutor(self.n_threads, thread_name_prefix='fastai_memmap'), iter(jobs), deque()
+        outs, tokens = [queue.SimpleQueue() for _ in range(n)], [queue.SimpleQueue() for _ in range(n)]
+        def work(k):
+            try:
+                for i in range(k, len(jobs), n):
+                    if tokens[k].get() is _STOP: return
+                    outs[k].put(fn(jobs[i]))
+            except BaseException as e: outs[k].put(_Failed(e))
+        for k in range(n):
+            for _ in range(self.depth): tokens[k].put(True)
+        threads = [threading.Thread(target=work, args=(k,), name=f'fastai_memmap_{k}', daemon=True) for k in range(n)]
+        for t in threads: t.start()
         try:
-            for j in it:
-                futs.append(pool.submit(fn, j))
-                if len(futs) >= self.depth: break
-            while futs:
-                res = futs.popleft().result()
-                for j in it:   # keep `depth` jobs in flight: submit the next one before handing this result over
-                    futs.append(pool.submit(fn, j)); break
-                yield res
+            for i in range(len(jobs)):
+                r = outs[i % n].get()
+                if type(r) is _Failed: raise r.e
+                tokens[i % n].put(True)
+                yield r
         finally:
-            for f in futs: f.cancel()
-            pool.shutdown(wait=True)   # a job already running finishes (one batch); then the threads end
+            for q in tokens: q.put(_STOP)
+            for t in threads: t.join()
 
     def __repr__(self): return f"{type(self).__name__}(n_threads={self.n_threads}, depth={self.depth})"
 

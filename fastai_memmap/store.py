@@ -314,8 +314,10 @@ def _gather(self:MemmapStore, k, local, out=None):
         if out is None: return np.array(mm[lo:hi + 1])
         out[...] = mm[lo:hi + 1]
         return out
-    if out is None: return mm[local]
-    out[...] = mm[local]
+    if out is None: return mm[local]   # a fresh array: fastest for small rows
+    if mm.strides[0] >= 1 << 16:   # large rows: each straight into `out`, no temporary batch
+        for j, i in enumerate(local.tolist()): out[j] = mm[i]
+    else: out[...] = mm[local]
     return out
 
 # %% ../nbs/03_store.ipynb #a1f0c3dc

@@ -134,13 +134,18 @@ def main(ctx, d):
         return ids
 
     def epoch_with(dl, processes):
-        "An epoch of `dl`, checking midway who loads: threads of this process, or worker processes started by `ctx`"
-        it = iter(dl); bs_ = [next(it)]
-        kids = multiprocessing.active_children()
-        threads = [t for t in threading.enumerate() if t.name.startswith('fastai_memmap')]
+        "An epoch of `dl`, checking who loads: two threads of this process, or worker processes started by `ctx`"
+        store, names = dl.items.store, []
+        take = store.take
+        store.take = lambda idxs, out=None: (names.append(threading.current_thread().name), take(idxs, out))[1]
+        try:
+            it = iter(dl); res = [next(it)]
+            kids = multiprocessing.active_children()
+            res += list(it)
+        finally: del store.take
         if processes: assert len(kids) >= 2 and all(type(p._popen).__module__.endswith(popen) for p in kids), kids
-        else: assert kids == [] and len(threads) == 2, (kids, threads)
-        return bs_ + list(it)
+        else: assert kids == [] and set(names) == {'fastai_memmap_0', 'fastai_memmap_1'}, (kids, set(names))
+        return res
 
     # valid loader (not shuffled): 2 threads == no threads, in order
     b0, b2 = list(dls0.valid), epoch_with(dls2.valid, processes=False)
