@@ -66,3 +66,12 @@ def test_pending_fixes_are_well_formed():
         nb = nbformat.read(root/'nbs'/name, as_version=4)
         assert cid in [c.get('id') for c in nb.cells], (name, cid)
         assert op in ('split', 'replace', 'markdown_after') and why
+
+def test_name_headings_keep_dunders():
+    "show_doc's `### MemmapStore.__iter__` must not render `iter` in bold (and keeps the id nbdev links to)"
+    md = render_docs._name_headings('### MemmapStore.__iter__\n\nsome __bold__ text\n## Two words')
+    assert md == '### MemmapStore.\\_\\_iter\\_\\_\n\nsome __bold__ text\n## Two words'
+    from nbconvert.filters.markdown import markdown2html
+    from bs4 import BeautifulSoup
+    h = BeautifulSoup(markdown2html(md), 'html.parser').find('h3')
+    assert h.get_text().rstrip('¶') == 'MemmapStore.__iter__' and render_docs._pandoc_id(h.get_text().rstrip('¶')) == 'memmapstore.__iter__'

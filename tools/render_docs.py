@@ -133,6 +133,10 @@ def _pandoc_attrs(md:str) -> str:
         return f'<a href="{html.escape(m[2])}"{a}>{m[1]}</a>'
     return _re_link_attrs.sub(sub, md)
 
+def _name_headings(md:str) -> str:
+    "Headings that are Python names (show_doc's, e.g. `MemmapStore.__iter__`) with `_` escaped, so no dunder turns bold"
+    return re.sub(r'(?m)^(#{1,6} +)([\w.]+)[ \t]*$', lambda m: m[1] + m[2].replace('_', '\\_'), md)
+
 def _frontmatter(nb) -> dict:
     "nbdev's frontmatter (the raw `---` cell its FrontmatterProc writes), removed from `nb`"
     import yaml
@@ -160,7 +164,7 @@ def _quarto_options(nb):
                 c.metadata['code_summary'] = opts.get('code-summary', 'Code').strip('"\'')
             for o in c.get('outputs', []):
                 md = o.get('data', {}).get('text/markdown')
-                if md is not None: o['data']['text/markdown'] = _pandoc_attrs(''.join(md))
+                if md is not None: o['data']['text/markdown'] = _name_headings(_pandoc_attrs(''.join(md)))
             if c.metadata.get('transient', {}).get('remove_source') and not c.outputs: continue
         cells.append(c)
     nb.cells = cells
