@@ -12,6 +12,7 @@ __all__ = ['StoreError', 'StoreNotFoundError', 'StoreExistsError', 'StoreLockedE
 class StoreError(Exception):
     "Base class of every error about a store or the data given to it"
 
+# %% ../nbs/00_errors.ipynb #b1d64e08
 class StoreNotFoundError(StoreError, FileNotFoundError):
     "No store (no manifest) at the given path"
 
@@ -30,6 +31,7 @@ class ChecksumError(CorruptStoreError):
 class FormatVersionError(StoreError):
     "The store was written in a format version this library cannot read"
 
+# %% ../nbs/00_errors.ipynb #0c7f3b6d
 class IncompatibleDataError(StoreError, ValueError):
     "Data whose dtype, shape or kind cannot be stored, or does not match the store"
 

@@ -12,11 +12,13 @@ import math
 import numpy as np
 import matplotlib.pyplot as plt
 
-# %% ../nbs/02_show.ipynb #402d81fc
+# %% ../nbs/02_show.ipynb #6a9f3e15
 def _norm01(a):
+    "`a` scaled to 0..1 (NaNs ignored); a constant array to zeros"
     lo, hi = np.nanmin(a), np.nanmax(a)
     return (a - lo) / (hi - lo) if hi > lo else a * 0
 
+# %% ../nbs/02_show.ipynb #402d81fc
 def show_array(
     a,  # An array (or a tensor: anything `np.asarray` takes)
     ctx=None,  # A matplotlib axis to draw on (default: a new figure)

@@ -13,9 +13,11 @@ from .data import MemmapItemList
 
 # %% ../nbs/13_subsets.ipynb #f7d983c0
 def _col(items, col):
+    "The values of metadata column `col` of `items`, as an array"
     if col not in items.columns: raise KeyError(f"{col!r} is not a metadata column; the columns are {list(items.columns)}")
     return items[col].to_numpy()
 
+# %% ../nbs/13_subsets.ipynb #2f6c1b94
 def filter_items(
     items:MemmapItemList,  # Items, e.g. from `memmap_items`
     col:str,  # The metadata column to filter on
@@ -28,6 +30,13 @@ def filter_items(
     if keep is not None: m &= np.isin(v, list(keep))
     if drop is not None: m &= ~np.isin(v, list(drop))
     return items.iloc[np.flatnonzero(m)]
+
+# %% ../nbs/13_subsets.ipynb #c1f04e7b
+def _stratified_pick(v, frac, rng):
+    "About `frac` of the positions of each class of `v`"
+    _, inv = np.unique(v, return_inverse=True)
+    return np.concatenate([rng.choice(p, int(round(len(p) * frac)), replace=False)
+                           for p in (np.flatnonzero(inv == c) for c in range(inv.max() + 1))] or [np.zeros(0, int)])
 
 # %% ../nbs/13_subsets.ipynb #fbdf51ea
 def subset_items(
@@ -45,12 +54,6 @@ def subset_items(
     if stratify is None: pick = rng.choice(len(items), k, replace=False)
     else: pick = _stratified_pick(_col(items, stratify), k / max(1, len(items)), rng)
     return items.iloc[np.sort(pick)]
-
-def _stratified_pick(v, frac, rng):
-    "About `frac` of the positions of each class of `v`"
-    _, inv = np.unique(v, return_inverse=True)
-    return np.concatenate([rng.choice(p, int(round(len(p) * frac)), replace=False)
-                           for p in (np.flatnonzero(inv == c) for c in range(inv.max() + 1))] or [np.zeros(0, int)])
 
 # %% ../nbs/13_subsets.ipynb #08c872e0
 def repeat_items(
