@@ -1,9 +1,10 @@
 """Render README.md from nbs/index.ipynb, offline (nbdev-readme needs Quarto, which is not installable here).
 
-Cells marked `#| hide` are dropped, nbdev directives (`#| ...`) are stripped, outputs are kept as nbconvert renders them.
+Cells marked `#| hide` are dropped, nbdev directives (`#| ...`) are stripped, outputs are kept as nbconvert renders them,
+and links to other notebooks (`[tutorial](tutorial.ipynb)`, which the docs site turns into its pages) point into `nbs/`.
 Usage: python tools/make_readme.py [--check]   (--check: fail if README.md is not what the notebook gives)
 """
-import sys
+import re, sys
 from pathlib import Path
 import nbformat
 from nbconvert import MarkdownExporter
@@ -20,6 +21,7 @@ def render() -> str:
         if c.source or c.get('outputs'): cells.append(c)
     nb.cells = cells
     body, _ = MarkdownExporter().from_notebook_node(nb)
+    body = re.sub(r'\]\((?![a-zA-Z][\w+.-]*:|/|#)([^)\s]+\.ipynb(?:#[^)\s]*)?)\)', r'](nbs/\1)', body)
     note = '<!-- generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file -->\n\n'
     return note + body.strip() + '\n'
 
