@@ -6,12 +6,12 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/data.html.md"""
 
 # %% auto #0
 __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'MemmapReader', 'block_shuffle', 'MemmapDL',
-           'MemmapBlock', 'show_batch', 'show_results', 'plot_top_losses']
+           'MemmapBlock']
 
 # %% ../nbs/05_data.ipynb #29878710
-import warnings
+import inspect, warnings
 import numpy as np, pandas as pd, torch
-from plum import dispatch
+
 from fastcore.basics import store_attr, patch
 from fastai.torch_core import TensorBase, TensorCategory, to_device, retain_types
 from fastai.data.load import fa_collate
@@ -32,6 +32,7 @@ _ITEM = 'store_item'   # the name of the index that holds store item numbers
 class MemmapItem(pd.Series):
     "One item of a `MemmapItemList`: its metadata row (`name` is its number in the store), with `store` attached"
     _metadata = ['store']
+    __signature__ = inspect.signature(pd.Series)   # unevaluated: pandas' annotations name types (Dtype) that show_doc cannot resolve
     @property
     def _constructor(self): return MemmapItem
     @property
@@ -416,8 +417,8 @@ def _grid(n:int, per:int, nrows, ncols, figsize) -> list:
         return array_grid(n, nrows=nrows, ncols=ncols, figsize=figsize)
     return array_grid(n * per, ncols=per * (ncols or 1), figsize=figsize)
 
-@dispatch
-def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
+@show_batch.dispatch
+def _show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     n = min(len(samples), max_n)
     lengths = getattr(x, 'lengths', None)
     arr = len(samples[0]) > 1 and _is_array(samples[0][1])
@@ -430,8 +431,8 @@ def show_batch(x:TensorMemmap, y, samples, ctxs=None, max_n=9, nrows=None, ncols
     if ctxs is None: axs[0].figure.tight_layout()
     return axs
 
-@dispatch
-def show_results(x:TensorMemmap, y, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
+@show_results.dispatch
+def _show_results(x:TensorMemmap, y, samples, outs, ctxs=None, max_n=9, nrows=None, ncols=None, figsize=None, **kwargs):
     n = min(len(samples), max_n)
     lengths = getattr(x, 'lengths', None)
     arr = len(samples[0]) > 1 and _is_array(samples[0][1])
@@ -448,8 +449,8 @@ def show_results(x:TensorMemmap, y, samples, outs, ctxs=None, max_n=9, nrows=Non
     if ctxs is None: axs[0].figure.tight_layout()
     return axs
 
-@dispatch
-def plot_top_losses(x:TensorMemmap, y, samples, outs, raws, losses, nrows=None, ncols=None, figsize=None, **kwargs):
+@plot_top_losses.dispatch
+def _plot_top_losses(x:TensorMemmap, y, samples, outs, raws, losses, nrows=None, ncols=None, figsize=None, **kwargs):
     n = len(samples)
     arr = _is_array(samples[0][1])
     axs = _grid(n, 3 if arr else 1, nrows, ncols, figsize)

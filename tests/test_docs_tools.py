@@ -60,13 +60,6 @@ def test_sidebar_lists_every_notebook():
     assert sorted(listed) == nbs and len(set(listed)) == len(listed)
     assert listed[:3] == ['index.ipynb', 'tutorial.ipynb', 'guarantees.ipynb'] and listed[3:] == sorted(listed[3:])
 
-def test_pending_fixes_are_well_formed():
-    "Each pending fix names a notebook and a cell that exist, and an operation the renderer knows"
-    for name, cid, op, arg, why in render_docs.PENDING_FIXES:
-        nb = nbformat.read(root/'nbs'/name, as_version=4)
-        assert cid in [c.get('id') for c in nb.cells], (name, cid)
-        assert op in ('split', 'replace', 'markdown_after') and why
-
 def test_name_headings_keep_dunders():
     "show_doc's `### MemmapStore.__iter__` must not render `iter` in bold (and keeps the id nbdev links to)"
     md = render_docs._name_headings('### MemmapStore.__iter__\n\nsome __bold__ text\n## Two words')

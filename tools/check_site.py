@@ -33,27 +33,11 @@ DRAWING_CALLS = {'show', 'show_batch', 'show_results', 'show_array', 'plot_summa
 # (fastai_memmap.all exports a name defined elsewhere), 'stderr:PAGE:CELL_ID' (warning output), 'anchor:PAGE#ID'
 # (links to an API section that does not exist).
 KNOWN_GAPS = {
-    'export:show_batch': "05_data cell ebfcd934: register the method on fastai's function under a private name "
-                         "(`@show_batch.dispatch` on `def _show_batch(x:TensorMemmap, ...)`), so that nbdev does not export fastai's `show_batch`",
-    'export:show_results': "05_data cell ebfcd934: likewise `@show_results.dispatch` on `def _show_results(...)`",
-    'api:fastai_memmap.data.show_batch': '05_data cell ebfcd934 (the same fix: then it is no longer exported)',
-    'api:fastai_memmap.data.show_results': '05_data cell ebfcd934 (the same fix)',
-    'anchor:data.html#show_batch': "nbdev links `show_batch` to data.html while data exports it; after the 05_data fix it links to fastai's docs",
-    'anchor:data.html#show_results': 'the same, for `show_results`',
     'api:fastai_memmap.format.FORMAT_NAME': '01_format: a markdown cell `### FORMAT_NAME` with a sentence, after the cell defining it',
     'api:fastai_memmap.format.FORMAT_VERSION': '01_format: a markdown cell `### FORMAT_VERSION` with a sentence',
     'api:fastai_memmap.format.MANIFEST': '01_format: a markdown cell `### MANIFEST` with a sentence',
-    'api:fastai_memmap.sparse.SPARSE_MANIFEST': '11_sparse: a markdown cell `### SPARSE_MANIFEST` with a sentence',
     'stderr:cli.html:7e62c83c': "12_cli cell 7e62c83c: the CLI's expected error message shows as a stderr box: capture it "
                                 "(contextlib.redirect_stderr(io.StringIO())) and assert on it, or print what was captured",
-    'anchor:data.html#tensormemmap.show': "05_data: `TensorMemmap.show` is linked (02_show, 05_data) but has no API section: "
-                                          "add `show_doc(TensorMemmap.show)` after the cell defining it",
-    'anchor:distrib.html#_epoch_batches': "10_distrib: the prose names the private `_epoch_batches` in backticks, which nbdev links "
-                                          "to an API section that private names do not get: write it without backticks, or document it",
-    'stderr:distrib.html:cf04d6d7': "10_distrib cell cf04d6d7: the expected 'item transforms are set' UserWarning shows as a "
-                                    "stderr box: record it with warnings.catch_warnings(record=True) and assert on it",
-    'stderr:sparse.html:ec10c879': "11_sparse cell ec10c879: torch's 'Sparse invariant checks are implicitly disabled' "
-                                   "UserWarning (a sparse tensor rebuilt after crossing a process boundary)",
 }
 
 def _directives(src:str) -> dict:

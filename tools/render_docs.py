@@ -44,18 +44,6 @@ TEMPLATE = 'docs_template'   # tools/docs_template: extends nbconvert's 'lab' te
 # (notebook, cell id, operation, argument, why). Operations: 'split' moves the first `argument` lines of the cell
 # into a new cell just before it; 'replace' replaces argument[0] with argument[1]; 'markdown_after' inserts a
 # markdown cell with text `argument` after the cell.
-PENDING_FIXES = [
-    ('03_store.ipynb', 'a1f0c3d6', 'split', 1,
-     'the import in its own cell: nbdev runs every cell that imports (for show_doc), and this one needs `buf` from a cell it does not run'),
-    ('05_data.ipynb', '29878710', 'replace', ('import threading, warnings', 'import inspect, threading, warnings'),
-     'import inspect, for the next fix'),
-    ('05_data.ipynb', 'bf81cc99', 'replace', ("    _metadata = ['store']\n",
-     "    _metadata = ['store']\n    __signature__ = inspect.signature(pd.Series)   # unevaluated: pandas' annotations name types (Dtype) that show_doc cannot resolve\n"),
-     "show_doc(MemmapItem) raises NameError 'Dtype' (inspect.signature(eval_str=True) of pandas' string annotations)"),
-    ('11_sparse.ipynb', 'd3ceb389', 'split', 3,
-     'the imports in their own cell: nbdev runs every cell that imports (for show_doc), and this one needs `dls` from a cell it does not run'),
-]
-
 def _directives(src:str) -> dict:
     "The Quarto/nbdev cell options (`#| key: value`) at the top of a cell's source"
     opts = {}
@@ -64,37 +52,6 @@ def _directives(src:str) -> dict:
         if not m: break
         opts[m[1]] = m[2].strip()
     return opts
-
-def _apply_pending(nbs:Path, names:set) -> list:
-    "Apply `PENDING_FIXES` to the staged notebooks in `nbs`; returns notes to print"
-    import nbformat
-    notes, by_nb = [], {}
-    for f in PENDING_FIXES: by_nb.setdefault(f[0], []).append(f)
-    for name, fixes in by_nb.items():
-        if name not in names: continue
-        p = nbs/name
-        nb = nbformat.read(p, as_version=4)
-        for _, cid, op, arg, why in fixes:
-            ids = [c.get('id') for c in nb.cells]
-            if cid not in ids: sys.exit(f'pending fix for {name} cell {cid} is stale (no such cell): delete it from PENDING_FIXES')
-            i = ids.index(cid); c = nb.cells[i]
-            if op == 'split':
-                lines = c.source.split('\n')
-                new = nbformat.v4.new_code_cell('\n'.join(lines[:arg]))
-                if not re.match(r'\s*(import|from)\s', lines[0]): sys.exit(f'pending fix for {name} cell {cid} is stale: delete it')
-                c.source = '\n'.join(lines[arg:]); nb.cells.insert(i, new)
-            elif op == 'replace':
-                if arg[0] not in c.source: sys.exit(f'pending fix for {name} cell {cid} is stale ({arg[0]!r} is gone): delete it')
-                c.source = c.source.replace(arg[0], arg[1], 1)
-            elif op == 'markdown_after':
-                head = arg.split('\n', 1)[0]
-                if any(x.cell_type == 'markdown' and head in x.source for x in nb.cells):
-                    sys.exit(f'pending fix for {name} after cell {cid} is stale ({head!r} is there): delete it')
-                nb.cells.insert(i + 1, nbformat.v4.new_markdown_cell(arg))
-            else: raise ValueError(op)
-            notes.append(f'{name} cell {cid}: {why}')
-        nbformat.write(nb, p)
-    return notes
 
 # ---- 1. execute
 def _execute(path:str, timeout:int) -> tuple:
@@ -257,7 +214,6 @@ def _execute_and_process(stage:Path, notebooks, jobs:int, timeout:int, times:dic
     names = sorted({Path(n).name for n in notebooks}) if notebooks else all_nbs
     unknown = set(names) - set(all_nbs)
     if unknown: sys.exit(f'no such notebooks in nbs/: {sorted(unknown)}')
-    for note in _apply_pending(stage/'nbs', set(names)): print(f'PENDING FIX (staged copy only) {note}')
 
     # 1. execute, `jobs` kernels at a time, with the inline backend
     os.environ.pop('MPLBACKEND', None)
