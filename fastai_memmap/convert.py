@@ -8,7 +8,7 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/convert.html.md"""
 __all__ = ['from_arrays', 'from_npy', 'from_npy_folder', 'from_hdf5', 'from_files', 'fmm_convert']
 
 # %% ../nbs/07_convert.ipynb #e7ad5d47
-import glob, mmap, os, pickle, sys, warnings, zipfile, zlib
+import ast, glob, mmap, os, pickle, sys, warnings, zipfile, zlib
 from pathlib import Path
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
@@ -27,25 +27,32 @@ def _step(item_shape, dtype, chunk) -> int:
         return int(chunk)
     return max(1, _CHUNK_BYTES // max(1, int(np.prod(item_shape, dtype=np.int64)) * np.dtype(dtype).itemsize))
 
-def _advise(a, name):
-    "madvise `name` on the whole mapping behind memmap `a`, where the OS has it"
-    mm, flag = getattr(a, '_mmap', None), getattr(mmap, name, None)
-    if mm is not None and flag is not None and hasattr(mm, 'madvise'): mm.madvise(flag)
-
 def _memmap_rows(a, step):
-    "Yield rows of memmap `a`, `step` at a time, dropping each chunk's pages from this process once it is consumed"
-    _advise(a, 'MADV_SEQUENTIAL')
-    drop = getattr(a, 'mode', None) in ('r', 'r+', 'w+')   # never a copy-on-write map ('c'): its changes would be lost
-    for lo in range(0, len(a), step):
-        yield a[lo:lo + step]
-        if drop: _advise(a, 'MADV_DONTNEED')
+    "Yield rows of memmap `a`, `step` at a time; a shared file map is mapped again here, so each chunk's pages can be dropped once consumed"
+    if getattr(a, 'mode', None) not in ('r', 'r+', 'w+') or not isinstance(a.base, mmap.mmap) or not a.flags.c_contiguous or not a.size:
+        for lo in range(0, len(a), step): yield a[lo:lo + step]   # a view, a copy-on-write or an empty map: as it is
+        return
+    # our own read-only map of the same file (it sees the same page cache), whose read-ahead we may advise
+    with open(a.filename, 'rb') as f: mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    b = np.frombuffer(mm, a.dtype, a.size, a.offset).reshape(a.shape)
+    seq, drop = getattr(mmap, 'MADV_SEQUENTIAL', None), getattr(mmap, 'MADV_DONTNEED', None)
+    if seq is not None: mm.madvise(seq)
+    for lo in range(0, len(b), step):
+        yield b[lo:lo + step]
+        if drop is not None: mm.madvise(drop)
 
 def _read_header(f):
-    "`(shape, fortran_order, dtype)` from the header of the `.npy` stream `f`"
+    "`(shape, fortran_order, dtype)` from the header of the `.npy` stream `f` (numpy's public readers; version 3.0 parsed as numpy does)"
     v = np.lib.format.read_magic(f)
     if v == (1, 0): return np.lib.format.read_array_header_1_0(f)
     if v == (2, 0): return np.lib.format.read_array_header_2_0(f)
-    return np.lib.format._read_array_header(f, v)   # version 3.0: utf-8 field names
+    if v != (3, 0): raise ValueError(f"unsupported .npy format version {v}")
+    n = int.from_bytes(f.read(4), 'little')   # version 3.0 is 2.0 with a utf-8 header; numpy has no public reader for it
+    try: d = ast.literal_eval(f.read(n).decode('utf-8'))
+    except (ValueError, SyntaxError, UnicodeDecodeError) as e: raise ValueError(f"unreadable .npy header ({e})") from None
+    if not isinstance(d, dict) or set(d) != {'descr', 'fortran_order', 'shape'} or not isinstance(d['shape'], tuple):
+        raise ValueError(f"unreadable .npy header: {d!r}")
+    return d['shape'], bool(d['fortran_order']), np.lib.format.descr_to_dtype(d['descr'])
 
 # %% ../nbs/07_convert.ipynb #89d07159
 class _ArrayPart:

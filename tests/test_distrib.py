@@ -28,6 +28,7 @@ from fastai_memmap.data import MemmapBlock, memmap_items
 
 N, N_TRAIN = 193, 160
 SCRIPT = '''
+N, N_TRAIN = 193, 160
 import json, os, sys, numpy as np, torch
 from torch import nn
 from fastai.data.all import DataBlock, CategoryBlock, ColReader, ColSplitter, RandomSplitter
@@ -72,6 +73,25 @@ for name, dl in [('drop', dls2.train), ('nodrop', dls2.train.new(drop_last=False
     ddl = DistributedDL(dl)
     res[name] = dict(n=dl.n, len=len(ddl), items=dl.items.store_idxs.tolist(), fastai_len=DistributedDL._fastai_len(ddl),
                      epochs=[[x[:, 0].long().tolist() for x, y in ddl] for _ in range(2)])
+
+# loading threads and none: the same pieces of the same epochs
+import random
+d2, d0 = dls2.train, dls2.train.new(num_workers=0)
+d2.rng, d0.rng = random.Random(5), random.Random(5)
+e2 = [[x[:, 0].long().tolist() for x, y in DistributedDL(d2)] for _ in range(2)]
+e0 = [[x[:, 0].long().tolist() for x, y in DistributedDL(d0)] for _ in range(2)]
+res['threads'] = dict(equal=e2 == e0, batches=len(e2[0]), workers=(d2.fake_l.num_workers, d0.fake_l.num_workers))
+
+# an unsigned store (uint16 values >= 2**15, which a signed view would turn negative) through the threads of each rank
+from fastai_memmap.write import write_memmap
+U = ((40000 + np.arange(N * 4)) % 65536).astype(np.uint16).reshape(N, 4)   # item i starts at 40000 + 4 i
+write_memmap(f'{out}/u16_{rank}.fmm', U, meta={'label': np.arange(N) % 2, 'is_valid': np.arange(N) >= N_TRAIN}, progress=False)
+udls = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'),
+                 splitter=ColSplitter('is_valid')).dataloaders(f'{out}/u16_{rank}.fmm', bs=16, num_workers=2)
+xs = [x for x, y in DistributedDL(udls.train)]
+ids = np.concatenate([(x[:, 0].numpy().astype(np.int64) - 40000) // 4 for x in xs])
+res['u16'] = dict(dtypes=sorted({str(x.dtype) for x in xs}), exact=bool(np.array_equal(np.concatenate([x.numpy() for x in xs]), U[ids])),
+                  n=len(ids), min=int(min(x.numpy().min() for x in xs)))
 json.dump(res, open(f'{out}/rank{rank}.json', 'w'))
 torch.distributed.destroy_process_group()
 '''
@@ -194,3 +214,11 @@ def test_per_item_loaders_keep_fastais_path(group, store_path):
                         item_tfms=Transform(lambda o: o), splitter=ColSplitter('is_valid')).dataloaders(store_path, bs=16, num_workers=0)
     pieces = [sum([x[:, 0].long().tolist() for x, y in DistributedDL(dls.valid, rank=r, world_size=2)], []) for r in range(2)]
     assert pieces == [list(range(160, 177)), list(range(177, 193)) + [160]]
+
+
+def test_threads_read_the_same_pieces_as_no_threads(ranks):
+    for r in ranks: assert r['threads'] == dict(equal=True, batches=4, workers=[2, 0])
+
+def test_unsigned_store_through_threads_of_two_ranks(ranks):
+    "uint16 values >= 2**15 reach each rank as uint16, exactly (worker processes once handed them back signed)"
+    for r in ranks: assert r['u16']['dtypes'] == ['torch.uint16'] and r['u16']['exact'] and r['u16']['n'] == 80 and r['u16']['min'] >= 2**15
