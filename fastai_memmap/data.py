@@ -186,9 +186,10 @@ class MemmapDL(TfmdDL):
                  weights:str=None,  # A metadata column of per-item sampling weights: shuffled epochs draw items with replacement
                  balance:str=None,  # A metadata column of classes: shuffled epochs draw classes equally often (oversampling)
                  advice:str=None,  # Read-ahead advice for the store while this loader reads it ('random' for sparse reads of a huge store)
-                 prefetch_factor:int=2,  # Batches each loading thread reads ahead of the training step (batch path)
+                 prefetch_factor:int=None,  # Batches each loading thread reads ahead of the training step; None: about 4 MiB of them (2 at least)
+                 pin_batches:bool=None,  # Gather batches into page-locked memory, copied to a GPU asynchronously; None: when the device is CUDA
                  **kwargs):  # Passed to fastai's `TfmdDL`: `num_workers` (threads on the batch path, processes on the per-item path), `device`...
-        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance,advice,prefetch_factor')
+        store_attr('shuffle_block,shuffle_window,bucket,pad_value,weights,balance,advice,prefetch_factor,pin_batches')
         super().__init__(dataset, bs=bs, shuffle=shuffle, **kwargs)
 
     def _plan(self) -> bool:
@@ -287,18 +288,21 @@ def create_batch(self:MemmapDL, b):
     return TfmdDL.create_batch(self, b)
 
 @patch
-def _out(self:MemmapDL, n:int):
-    "An array to gather `n` items into (pinned for a GPU; reused for large batches), or None for a fresh one"
+def _out(self:MemmapDL, n:int) -> tuple:
+    "Where to gather `n` items: `(array, tensor)` pinned for a GPU, `(array, None)` reused for a large batch, or `(None, None)`"
     s = self._store
-    if s.ragged or hasattr(s, 'read_batch'): return None
-    pin = self.pin_memory or (self.device is not None and self.device.type == 'cuda')
-    if not pin and n * self._item_bytes < _BUF_BYTES: return None   # small batches: a fresh array is fastest
+    if s.ragged or hasattr(s, 'read_batch'): return None, None
+    pin = self.pin_batches if self.pin_batches is not None else self.pin_memory or (self.device is not None and self.device.type == 'cuda')
+    if not pin and n * self._item_bytes < _BUF_BYTES: return None, None   # small batches: a fresh array is fastest
     shape = (n, *s.item_shape)
-    if pin and torch.cuda.is_available():   # torch's caching host allocator reuses pinned blocks once their copies are done
-        return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, s.dtype)).dtype, pin_memory=True).numpy()
+    if pin and torch.cuda.is_available():
+        # torch's caching host allocator reuses a pinned block only once the copies made from it are done: the batch must
+        # be this tensor itself (its storage is the allocator's), filled through a numpy view of it
+        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, s.dtype)).dtype, pin_memory=True)
+        return t.numpy(), t
     if self._bufs is None or self._bufs.shape != shape:
-        self._bufs = BufferPool(shape, s.dtype, max_free=self.prefetch_factor * max(1, self.fake_l.num_workers) + 4)
-    return self._bufs.get()
+        self._bufs = BufferPool(shape, s.dtype, max_free=self._depth() * max(1, self.fake_l.num_workers) + 4)
+    return self._bufs.get(), None
 
 @patch
 def _read(self:MemmapDL, idx:np.ndarray):
@@ -309,7 +313,10 @@ def _read(self:MemmapDL, idx:np.ndarray):
         arr, shapes = s.take_padded(gidx, self.pad_value or 0)
         x = torch.from_numpy(arr).as_subclass(TensorMemmap)
         x.lengths = torch.from_numpy(np.ascontiguousarray(shapes))
-    else: x = torch.from_numpy(s.take(gidx, out=self._out(len(idx)))).as_subclass(TensorMemmap)
+    else:
+        buf, t = self._out(len(idx))
+        arr = s.take(gidx, out=buf)
+        x = (t if t is not None else torch.from_numpy(arr)).as_subclass(TensorMemmap)
     ys = []
     for fn, tl in zip(self._tfns, self._ytls):
         if fn is not None: ys.append(fn(idx))
@@ -351,7 +358,13 @@ def _load(self:MemmapDL, idxs, n_threads:int):
     if hasattr(self._store, 'prefetch') and len(idxs):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[idxs]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(n_threads, self.prefetch_factor)(self._read, self._batch_idxs(idxs))
+    return Prefetcher(n_threads, self._depth())(self._read, self._batch_idxs(idxs))
+
+@patch
+def _depth(self:MemmapDL) -> int:
+    "Batches each loading thread reads ahead: `prefetch_factor`, or about 4 MiB of them (2 to 64)"
+    if self.prefetch_factor: return self.prefetch_factor
+    return int(np.clip((4 << 20) // max(1, (self.bs or 1) * self._item_bytes), 2, 64))
 
 @patch
 def _deliver(self:MemmapDL, b, after_batch):
@@ -374,7 +387,7 @@ def __getstate__(self:MemmapDL): return {k: v for k, v in self.__dict__.items() 
 
 @patch
 def new(self:MemmapDL, dataset=None, cls=None, **kwargs):
-    for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice', 'prefetch_factor':
+    for k in 'shuffle_block', 'shuffle_window', 'bucket', 'pad_value', 'weights', 'balance', 'advice', 'prefetch_factor', 'pin_batches':
         kwargs.setdefault(k, getattr(self, k, None))
     res = TfmdDL.new(self, dataset, cls, **kwargs)
     ds = res.dataset

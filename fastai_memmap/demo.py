@@ -52,7 +52,7 @@ def run_demo(
     n:int=20_000,  # Number of items
     epochs:int=3,  # Training epochs
     bs:int=64,  # Batch size
-    num_workers:int=0,  # DataLoader worker processes
+    num_workers:int=None,  # Loading threads; None: fastai's default (the number of CPUs, up to 16)
     lr:float=3e-3,  # Learning rate (one-cycle)
     seed:int=0,  # Seed for the data and the split
     progress:bool=True,  # Show fastai's progress bars
@@ -67,7 +67,7 @@ def run_demo(
     torch.manual_seed(seed)
     dblock = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'),
                        splitter=RandomSplitter(valid_pct=0.2, seed=seed))
-    dls = dblock.dataloaders(path, bs=bs, num_workers=num_workers)
+    dls = dblock.dataloaders(path, bs=bs, **({} if num_workers is None else dict(num_workers=num_workers)))
     learn = Learner(dls, demo_model(), metrics=accuracy)
     if not progress: learn.remove_cb(ProgressCallback)
     t1 = time.time()

@@ -32,25 +32,34 @@ class Prefetcher:
         if n == 0:
             for j in jobs: yield fn(j)
             return
-        outs, tokens = [queue.SimpleQueue() for _ in range(n)], [queue.SimpleQueue() for _ in range(n)]
+        outs, credits, stop = [queue.SimpleQueue() for _ in range(n)], [queue.SimpleQueue() for _ in range(n)], []
         def work(k):
+            have = 0
             try:
                 for i in range(k, len(jobs), n):
-                    if tokens[k].get() is _STOP: return
+                    while not have:   # sleep until the consumer has room for more
+                        c = credits[k].get()
+                        if c is _STOP: return
+                        have += c
+                    if stop: return
+                    have -= 1
                     outs[k].put(fn(jobs[i]))
             except BaseException as e: outs[k].put(_Failed(e))
-        for k in range(n):
-            for _ in range(self.depth): tokens[k].put(True)
+        refill, owed = max(1, self.depth // 2), [0] * n
+        for q in credits: q.put(self.depth)
         threads = [threading.Thread(target=work, args=(k,), name=f'fastai_memmap_{k}', daemon=True) for k in range(n)]
         for t in threads: t.start()
         try:
             for i in range(len(jobs)):
-                r = outs[i % n].get()
+                k = i % n
+                r = outs[k].get()
                 if type(r) is _Failed: raise r.e
-                tokens[i % n].put(True)
+                owed[k] += 1
+                if owed[k] >= refill: credits[k].put(owed[k]); owed[k] = 0   # wake a thread for half its depth at once
                 yield r
         finally:
-            for q in tokens: q.put(_STOP)
+            stop.append(True)
+            for q in credits: q.put(_STOP)
             for t in threads: t.join()
 
     def __repr__(self): return f"{type(self).__name__}(n_threads={self.n_threads}, depth={self.depth})"
