@@ -123,16 +123,30 @@ class MemmapReader(Transform):
 
 # %% ../nbs/05_data.ipynb #910fef29
 class _VocabLookup:
-    "Vectorised `Categorize`: labels to vocab codes with a sorted search"
+    "Vectorised `Categorize`: labels to vocab codes, by a table for small integer labels, else by a sorted search"
     def __init__(self, vocab):
         keys = np.asarray(list(vocab))
         if keys.dtype == object: keys = keys.astype(str)
         self.order = np.argsort(keys, kind='stable')
         self.sorted = keys[self.order]
+        self.table = None
+        if keys.dtype.kind in 'iu' and len(keys) and int(keys.max()) - int(keys.min()) < 1 << 20:
+            self.lo = int(keys.min())
+            self.table = np.full(int(keys.max()) - self.lo + 1, -1, np.int64)
+            self.table[keys.astype(np.int64) - self.lo] = np.arange(len(keys))
+    def _missing(self, vals, bad): raise KeyError(f"Label '{np.asarray(vals)[bad][0]}' was not included in the training dataset")
     def __call__(self, vals):
+        vals = np.asarray(vals)
+        if self.table is not None and vals.dtype.kind in 'iu':   # one table lookup per label
+            i = vals.astype(np.int64) - self.lo
+            out = (i < 0) | (i >= len(self.table))
+            codes = self.table[np.where(out, 0, i)]
+            bad = out | (codes < 0)
+            if bad.any(): self._missing(vals, bad)
+            return codes
         pos = np.searchsorted(self.sorted, vals).clip(0, len(self.sorted) - 1)
         bad = self.sorted[pos] != vals
-        if bad.any(): raise KeyError(f"Label '{np.asarray(vals)[bad][0]}' was not included in the training dataset")
+        if bad.any(): self._missing(vals, bad)
         return self.order[pos].astype(np.int64)
 
 def _col_values(items, c) -> np.ndarray:
@@ -141,9 +155,9 @@ def _col_values(items, c) -> np.ndarray:
     return v.astype(str) if v.dtype == object else v
 
 class _CatTarget:
-    "Vectorised `ColReader(col)` + `Categorize`: every item's code computed once, then a batch is one index"
-    def __init__(self, col, vocab): self.codes = _VocabLookup(vocab)(col)
-    def __call__(self, idx): return torch.from_numpy(self.codes[idx]).as_subclass(TensorCategory)
+    "Vectorised `ColReader(col)` + `Categorize`: every item's code computed once (in the smallest int type), then a batch is one index"
+    def __init__(self, col, vocab): self.codes = _VocabLookup(vocab)(col).astype(np.min_scalar_type(max(len(vocab) - 1, 0)))
+    def __call__(self, idx): return torch.from_numpy(self.codes[idx].astype(np.int64)).as_subclass(TensorCategory)
 
 class _FloatTarget:
     "Vectorised `ColReader(col)` + `RegressionSetup` for a batch of dataset indices"
@@ -210,7 +224,7 @@ class MemmapDL(TfmdDL):
             return False
         self._store, self._gidx = items.store, gidx
         self._sizes = np.prod(items.store.shapes[gidx], axis=1) if self.bucket and items.store.ragged else None
-        self._shard_of = np.searchsorted(items.store._starts, gidx, 'right') - 1
+        self._shards = None   # each item's shard, made when a shard shuffle or a remote store needs it
         self._tfns = [_target_fn(tl) for tl in tls[1:]]
         self._ytls = list(tls[1:])
         self._bufs, self._item_bytes = None, 0 if items.store.ragged else items.store.dtype.itemsize * int(np.prod(items.store.item_shape))
@@ -251,19 +265,30 @@ def shuffle_fn(self:MemmapDL, idxs):
     else: idxs = rng.permutation(idxs)
     if getattr(self, '_sizes', None) is not None: idxs = self._bucketed(idxs, rng)
     # here, not when batches are cut, so that the epoch order fastai sees is the order items come in
-    bs, key = self.bs or 1, self._gidx[idxs] if self._plan() else idxs
-    full = len(idxs) // bs * bs
-    if bs > 1 and full:
-        o = np.argsort(key[:full].reshape(-1, bs), axis=1, kind='stable')
-        idxs[:full] = np.take_along_axis(idxs[:full].reshape(-1, bs), o, axis=1).reshape(-1)
-    if full < len(idxs): idxs[full:] = idxs[full:][np.argsort(key[full:], kind='stable')]
+    bs = self.bs or 1
+    full, step = len(idxs) // bs * bs, max(1, (1 << 20) // bs) * bs   # a chunk of batches at a time: bounded extra memory
+    for a in range(0, full if bs > 1 else 0, step):
+        blk = idxs[a:min(a + step, full)].reshape(-1, bs)
+        key = self._gidx[blk] if self._plan() else blk
+        blk[...] = np.take_along_axis(blk, np.argsort(key, axis=1, kind='stable'), axis=1)
+    if full < len(idxs):
+        rest = idxs[full:]
+        rest[...] = rest[np.argsort(self._gidx[rest] if self._plan() else rest, kind='stable')]
     return idxs
+
+@patch(as_prop=True)
+def _shard_of(self:MemmapDL) -> np.ndarray:
+    "The store shard of each of this loader's items, in the smallest int type (made on first use)"
+    if self._shards is None:
+        s = self._store
+        self._shards = (np.searchsorted(s._starts, self._gidx, 'right') - 1).astype(np.min_scalar_type(max(s.n_shards - 1, 0)))
+    return self._shards
 
 @patch
 def _shard_shuffle(self:MemmapDL, idxs, rng):
     "Shards in random order; items shuffled within windows of `shuffle_window` shards (so a window's shards can be cached)"
     shard = self._shard_of[idxs]
-    rank = np.empty(shard.max() + 1 if len(shard) else 0, np.int64)
+    rank = np.empty(int(shard.max()) + 1 if len(shard) else 0, np.int64)
     u = np.unique(shard); rank[u] = rng.permutation(len(u))
     return idxs[np.lexsort((rng.random(len(idxs)), rank[shard] // self.shuffle_window))]
 
@@ -380,7 +405,7 @@ def __iter__(self:MemmapDL):
     self.after_iter()
 
 # %% ../nbs/05_data.ipynb #5d00000d
-_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shard_of', '_bufs', '_item_bytes')
+_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shards', '_bufs', '_item_bytes')
 
 @patch
 def __getstate__(self:MemmapDL): return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}

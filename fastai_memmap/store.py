@@ -346,16 +346,18 @@ def column(self:MemmapStore, name:str) -> np.ndarray:
     if name not in self.meta_columns:
         raise KeyError(f"{name!r} is not a metadata column of {self.path}; its columns are {self.meta_columns}")
     if name not in self._cols:
-        parts = [np.array(self._open(k, 'meta')[name]) for k in range(self.n_shards)]   # copies: no map is held
-        dt = dict(self.manifest['meta'])[name]
-        self._cols[name] = np.concatenate(parts) if parts else np.zeros(0, dt)
+        if self.n_shards == 1: col = self._open(0, 'meta')[name]   # a read-only view of the mapped file: no copy
+        else:   # one array from every shard's file; copies, so that no map is held (a store may have thousands)
+            parts = [np.array(self._open(k, 'meta')[name]) for k in range(self.n_shards)]
+            col = np.concatenate(parts) if parts else np.zeros(0, dict(self.manifest['meta'])[name])
+        self._cols[name] = col
     return self._cols[name]
 
 @patch(as_prop=True)
 def meta(self:MemmapStore) -> pd.DataFrame:
     "All metadata columns as a DataFrame (index: item number)"
     if self._meta is None:
-        self._meta = pd.DataFrame({c: self.column(c) for c in self.meta_columns}, index=pd.RangeIndex(len(self)))
+        self._meta = pd.DataFrame({c: self.column(c) for c in self.meta_columns}, index=pd.RangeIndex(len(self)), copy=False)
     return self._meta
 
 @patch(as_prop=True)

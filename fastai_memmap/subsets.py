@@ -87,5 +87,5 @@ def StratifiedSplitter(
         v = _col(items, col)
         val = np.sort(_stratified_pick(v, valid_pct, np.random.default_rng(seed)))
         trn = np.setdiff1d(np.arange(len(v)), val)
-        return trn.tolist(), val.tolist()
+        return trn, val   # int64 arrays: a MemmapBlock DataBlock keeps them as they are (no list of N ints)
     return _inner
