@@ -13,8 +13,11 @@ Measured in a fresh child process per size:
 - `dataloaders` time, and the growth of the process's anonymous resident memory (`RssAnon`: memory the index and
   the loaders hold) and of its peak (`VmHWM`), per item. File-backed pages of the mapped store (`RssFile`, page cache
   shared with every process and reclaimable) are reported separately: a full epoch maps the whole store.
-- A full shuffled epoch of the training loader (80% of the items) with its loading threads: samples/s, and each
-  loading thread's extra memory (anonymous memory growth during the epoch over the number of threads).
+- A full shuffled epoch of the training loader (80% of the items) with its loading threads: samples/s; the epoch's
+  order (one int array, shared by the threads: what fastai keeps as a list of Python ints); and each loading thread's
+  extra memory (the rest of the anonymous memory growth during the epoch, over the number of threads).
+- The store's own `take` of 20,000 random sorted batches of 64, in one thread: the speed of random reads at this size
+  (a 1M-item store fits in the CPU's caches, a 100M-item one does not), against which the loader's rate is compared.
 - Stock fastai (a per-item DataBlock over `range(N)` reading rows of the same memmapped shard) where it fits: its
   `dataloaders` time and memory, and samples/s over its first 300 batches (a full epoch would take hours).
 """
@@ -48,9 +51,16 @@ def child_memmap(path:str, epoch:bool) -> dict:
         peak, m, t = 0, 0, time.perf_counter()
         for i, (x, y) in enumerate(dls.train):
             m += len(x)
-            if i % 20000 == 0: peak = max(peak, status()['RssAnon'])
-        r.update(epoch_sps=m / (time.perf_counter() - t), epoch_items=m, loader_extra=(peak - s1['RssAnon']) / max(1, r['threads']),
-                 file_epoch=status()['RssFile'] - s0['RssFile'])
+            if i % 2000 == 0: peak = max(peak, status()['RssAnon'])
+        order = len(dls.train_ds) * dls.train.get_idxs().itemsize   # the epoch's order: one array, shared by the threads
+        import numpy as np   # the store's own read of random batches (in store order, as the loader's are), one thread: the reference
+        st, rng = dls.train.items.store, np.random.default_rng(0)
+        bts = [np.sort(rng.integers(0, r['n'], 64)) for _ in range(20000)]
+        t = time.perf_counter()
+        for b in bts: st.take(b)
+        r['take_sps'] = 64 * len(bts) / (time.perf_counter() - t)
+        r.update(epoch_sps=m / (time.perf_counter() - t), epoch_items=m, order=order,
+                 loader_extra=max(0, peak - s1['RssAnon'] - order) / max(1, r['threads']), file_epoch=status()['RssFile'] - s0['RssFile'])
     return r
 
 def child_stock(path:str) -> dict:
@@ -101,8 +111,8 @@ def main():
              "hold), growth during `dataloaders`, per item; peak: growth of `VmHWM`. Per loading thread: anonymous memory "
              "growth during a full shuffled epoch over the number of loading threads. The store's mapped pages (file-backed, "
              "page cache) are not counted there: after an epoch they are the whole store (last column).", '',
-             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | per loading thread MiB | epoch samples/s | mapped store after the epoch MiB |',
-             '|---:|---|---:|---:|---:|---:|---:|---:|']
+             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | epoch order MiB | per loading thread MiB | epoch samples/s | `store.take` samples/s (1 thread) | mapped store after the epoch MiB |',
+             '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     import shutil
     try:
         for n in sizes:
@@ -111,15 +121,15 @@ def main():
             print(f'{n:,} items written in {time.perf_counter() - t:.1f}s', flush=True)
             r = run_child('memmap', p, True, 3600)
             print('fastai_memmap', r, flush=True)
-            if 'error' in r: lines.append(f"| {n:,} | fastai_memmap | {r['error']} | | | | | |")
+            if 'error' in r: lines.append(f"| {n:,} | fastai_memmap | {r['error']} | | | | | | | |")
             else: lines.append(f"| {n:,} | fastai_memmap (defaults: {r['threads']} threads) | {r['build_s']:.1f} | {r['anon'] / r['n']:.1f} | "
-                               f"{r['peak'] / r['n']:.1f} | {r['loader_extra'] / MiB:.1f} | {r['epoch_sps']:,.0f} | {r['file_epoch'] / MiB:,.0f} |")
+                               f"{r['peak'] / r['n']:.1f} | {r['order'] / MiB:,.0f} | {r['loader_extra'] / MiB:.1f} | {r['epoch_sps']:,.0f} | {r['take_sps']:,.0f} | {r['file_epoch'] / MiB:,.0f} |")
             if n <= a.stock_up_to:
                 s = run_child('stock', p, False, 1800)
                 print('stock', s, flush=True)
-                if 'error' in s: lines.append(f"| {n:,} | fastai stock per-item | {s['error']} | | | | | |")
+                if 'error' in s: lines.append(f"| {n:,} | fastai stock per-item | {s['error']} | | | | | | | |")
                 else: lines.append(f"| {n:,} | fastai stock per-item (0 workers) | {s['build_s']:.1f} | {s['anon'] / s['n']:.1f} | "
-                                   f"{s['peak'] / s['n']:.1f} | — | {s['epoch_sps']:,.0f} (first 300 batches) | — |")
+                                   f"{s['peak'] / s['n']:.1f} | (a list) | — | {s['epoch_sps']:,.0f} (first 300 batches) | — | — |")
             shutil.rmtree(p, ignore_errors=True)
     finally: shutil.rmtree(tmp, ignore_errors=True)
     print('\n'.join(lines))

@@ -247,12 +247,12 @@ def _sample_p(self:MemmapDL):
 
 @patch
 def get_idxs(self:MemmapDL):
-    "The epoch's order of dataset indices: an int64 array on the batch path (a list, as fastai's, otherwise)"
+    "The epoch's order of dataset indices: an int array on the batch path (int32 below 2**31 items; a list, as fastai's, otherwise)"
     if self.shuffle and (self.weights or self.balance):
         rng = np.random.default_rng(self.rng.getrandbits(64))
         return rng.choice(self.n, self.n, p=self._sample_p()).astype(np.int64)
     if not self._plan(): return TfmdDL.get_idxs(self)
-    idxs = np.arange(self.n, dtype=np.int64)
+    idxs = np.arange(self.n, dtype=np.int32 if self.n < 2**31 else np.int64)   # 4 bytes an item: 320 MB for 80M items
     return self.shuffle_fn(idxs) if self.shuffle else idxs
 
 @patch
@@ -262,7 +262,7 @@ def shuffle_fn(self:MemmapDL, idxs):
     rng = np.random.default_rng(self.rng.getrandbits(64))
     if self.shuffle_block == 'shard': idxs = self._shard_shuffle(idxs, rng)
     elif self.shuffle_block: idxs = block_shuffle(len(idxs), self.shuffle_block, self.shuffle_window, rng)
-    else: idxs = rng.permutation(idxs)
+    else: rng.shuffle(idxs)   # in place (the same order as `rng.permutation(idxs)`, without a second array)
     if getattr(self, '_sizes', None) is not None: idxs = self._bucketed(idxs, rng)
     # here, not when batches are cut, so that the epoch order fastai sees is the order items come in
     bs = self.bs or 1
@@ -378,7 +378,7 @@ def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> list:
 @patch
 def _load(self:MemmapDL, idxs, n_threads:int):
     "Batches of the dataset items `idxs`, each read in one go, in `n_threads` threads ahead of the consumer"
-    idxs = np.asarray(idxs, dtype=np.int64)
+    idxs = np.asarray(idxs)   # int32 or int64: no copy of the epoch's order
     if self.advice: self._store.advise(self.advice)
     if hasattr(self._store, 'prefetch') and len(idxs):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[idxs]

@@ -287,25 +287,28 @@ def __iter__(self:MemmapStore):
 @patch
 def take(self:MemmapStore, idxs, out:np.ndarray=None):
     "Items `idxs` (a 1-D int array, already in range, any order) in one vectorised read; into `out` if given"
-    idxs = np.asarray(idxs, dtype=np.int64)
+    idxs = np.asarray(idxs)
+    if idxs.dtype != np.int64: idxs = idxs.astype(np.int64)
     if self.ragged: return [self._item(int(i)) for i in idxs]
     n = len(idxs)
-    if n == 0: res = np.empty((0, *self.item_shape), self.dtype)
-    elif len(self._starts) == 2: return self._gather(0, idxs, out)
-    else:
-        shard = np.searchsorted(self._starts, idxs, 'right') - 1
-        if shard[0] == shard[-1] and (shard == shard[0]).all(): return self._gather(int(shard[0]), idxs - self._starts[shard[0]], out)
-        # one read per shard, in shard order, then rows back in the order asked for
-        order = np.argsort(shard, kind='stable')
-        s_shard, s_idx = shard[order], idxs[order]
-        cuts = np.concatenate([[0], np.flatnonzero(np.diff(s_shard)) + 1, [n]])
-        res = np.empty((n, *self.item_shape), self.dtype) if out is None else out
-        res[order] = np.concatenate([self._gather(int(s_shard[a]), s_idx[a:b] - self._starts[s_shard[a]])
-                                     for a, b in zip(cuts[:-1], cuts[1:])])
+    if n == 0:
+        res = np.empty((0, *self.item_shape), self.dtype) if out is None else out
         return res
-    if out is None: return res
-    out[...] = res
-    return out
+    if len(self._starts) == 2: return self._gather(0, idxs, out)
+    shard = np.searchsorted(self._starts, idxs, 'right') - 1
+    if shard[0] == shard[-1] and (shard == shard[0]).all(): return self._gather(int(shard[0]), idxs - self._starts[shard[0]], out)
+    res = np.empty((n, *self.item_shape), self.dtype) if out is None else out
+    cuts = np.flatnonzero(np.diff(shard)) + 1
+    if (np.diff(shard) >= 0).all():   # in store order (as batches are): each shard's rows straight into their place
+        for a, b in zip([0, *cuts], [*cuts, n]): self._gather(int(shard[a]), idxs[a:b] - self._starts[shard[a]], res[a:b])
+        return res
+    # any order: one read per shard, in shard order, then rows back in the order asked for
+    order = np.argsort(shard, kind='stable')
+    s_shard, s_idx = shard[order], idxs[order]
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(s_shard)) + 1, [n]])
+    res[order] = np.concatenate([self._gather(int(s_shard[a]), s_idx[a:b] - self._starts[s_shard[a]])
+                                 for a, b in zip(cuts[:-1], cuts[1:])])
+    return res
 
 @patch
 def _gather(self:MemmapStore, k, local, out=None):
