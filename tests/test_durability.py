@@ -72,9 +72,9 @@ def _diff(s: MemmapStore, exp) -> str:
     return ''
 
 def _clean_names(path) -> tuple:
-    "(names in the store dir, names a clean store holds: its manifest's files, the manifest and the lock)"
+    "(names in the store dir, names a clean store holds: its manifest's files, those it retains for older readers, the manifest and the lock)"
     m = json.loads((Path(path)/MANIFEST).read_text())
-    return set(os.listdir(path)), {e['file'] for e in manifest_files(m)} | {MANIFEST, '.lock'}
+    return set(os.listdir(path)), {e['file'] for e in manifest_files(m)} | {r['file'] for r in m.get('retired', [])} | {MANIFEST, '.lock'}
 
 def _assert_clean(path):
     have, want = _clean_names(path)
