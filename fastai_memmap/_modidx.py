@@ -566,7 +566,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'fastai_memmap.write._is_arraylike': ('write.html#_is_arraylike', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._is_ours': ('write.html#_is_ours', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._link_or_copy': ('write.html#_link_or_copy', 'fastai_memmap/write.py'),
-                                     'fastai_memmap.write._lock': ('write.html#_lock', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._lossy': ('write.html#_lossy', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._merge_dtype': ('write.html#_merge_dtype', 'fastai_memmap/write.py'),
                                      'fastai_memmap.write._merge_run': ('write.html#_merge_run', 'fastai_memmap/write.py'),

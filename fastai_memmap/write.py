@@ -304,27 +304,6 @@ def _close_inherited():
 
 if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited)
 
-def _lock(path:Path) -> int:
-    "Take the store's writer lock and return its fd; a second writer gets `StoreLockedError`. The OS frees it if the holder dies."
-    p = path/'.lock'
-    try: fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StoreError(f"{p} is a symbolic link; a writer does not follow it (it could create or lock a file elsewhere). "
-                             f"Remove it (rm '{p}') and write again.") from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS): raise _no_write(path, e) from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode): raise StoreError(f"{p} is not a regular file: remove it and write again.")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
-    except BaseException:
-        os.close(fd); raise
-    _HELD[fd] = (os.getpid(), next(_KEYS))
-    return fd
-
 def _unlock(fd:int, key=None):
     "Release writer lock `fd` and close it (in the process that took it, and only the taking `key` if given); safe to repeat"
     held = _HELD.get(fd)
@@ -334,11 +313,30 @@ def _unlock(fd:int, key=None):
     os.close(fd)
 
 class _Held:
-    "The writer lock of the store at `path`, taken: `release()` frees it, and so does dropping this object (if a release was interrupted)"
+    """The store's writer lock (`flock` on `path/.lock`), taken at once or `StoreLockedError`; the OS frees it if the holder dies.
+    `release()` frees it, and so does dropping this object (a release an interrupt cut short): the release is registered
+    before the lock is taken."""
     def __init__(self, path:Path):
-        self.fd = _lock(path)
-        self.key = _HELD[self.fd][1]
-        self._free = weakref.finalize(self, _unlock, self.fd, self.key)
+        p = path/'.lock'
+        try: fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise StoreError(f"{p} is a symbolic link; a writer does not follow it (it could create or lock a file elsewhere). "
+                                 f"Remove it (rm '{p}') and write again.") from None
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS): raise _no_write(path, e) from None
+            raise
+        _HELD[fd] = (os.getpid(), next(_KEYS))
+        self.fd, self.key = fd, _HELD[fd][1]
+        self._free = weakref.finalize(self, _unlock, fd, self.key)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode): raise StoreError(f"{p} is not a regular file: remove it and write again.")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
+        except BaseException:
+            self.release(); raise
+
     def release(self):
         _unlock(self.fd, self.key)
         self._free.detach()
@@ -358,7 +356,8 @@ class MemmapWriter:
         self.path, self.mode, self.shard_size, self.compact = local_path(path), mode, shard_size, compact
         if shard_size < 1: raise ValueError("shard_size must be a positive number of bytes")
         if casting not in _CASTINGS: raise ValueError(f"casting must be one of {_CASTINGS}, not {casting!r}")
-        self.casting, self.retain, self._state, self._held, self._made, self._compact_all = casting, RETAIN, 'open', None, [], False
+        self.casting, self.retain, self._state, self._held, self._made = casting, RETAIN, 'open', None, []
+        self._compact_all, self._progress = False, False   # set by compact()
         self.cols = _meta_columns(meta) if meta is not None else None
         self.dtype = None if dtype is None else check_dtype(dtype)
         if self.dtype is not None and self.dtype.byteorder == '>': self.dtype = self.dtype.newbyteorder('<')
@@ -571,7 +570,7 @@ def _build_manifest(self:MemmapWriter) -> dict:
         runs = _plan(shards, self.shard_size, tail=not self._compact_all)
         if runs:
             src = _reader(self.path, m)
-            try: merged = _merge_runs(src, runs, self.path, secrets.token_hex(6), self._made, progress=self._compact_all)
+            try: merged = _merge_runs(src, runs, self.path, secrets.token_hex(6), self._made, progress=self._progress)
             finally: src.close()
             committed = {e['file'] for e in manifest_files(old)}
             gone = [e['file'] for k in itertools.chain(*runs) for e in manifest_files({'shards': [shards[k]]})]
@@ -870,5 +869,5 @@ def compact(self:MemmapStore,
         raise StoreError(f"{self.path} is a remote store: compact a local copy (stage it), then write it back")
     if retain < 0: raise ValueError("retain must be a number of seconds >= 0")
     w = MemmapWriter(self.path, 'a', shard_size=shard_size)
-    w._compact_all, w.retain = True, retain
+    w._compact_all, w.retain, w._progress = True, retain, progress
     return w.commit()

@@ -319,6 +319,54 @@ def test_defect3_interrupt_or_fsync_error_at_any_point_of_a_commit(fast_dir, nam
 def test_defect3_interrupt_at_every_point_slow(fast_dir, name):
     _scan3(name, fast_dir, full=True)
 
+SIGINT_LOOP = r"""
+import gc, signal, sys, numpy as np
+from fastai_memmap.errors import StoreLockedError
+from fastai_memmap.store import MemmapStore
+from fastai_memmap.write import write_memmap
+armed = False
+def interrupt(sig, frame):   # Python's own behaviour (KeyboardInterrupt between two bytecodes), while an append runs
+    global armed
+    if armed: armed = False; raise KeyboardInterrupt
+signal.signal(signal.SIGINT, interrupt)
+p, want = sys.argv[1], int(sys.argv[2])
+write_memmap(p, np.zeros((1, 3), np.float32), meta={'y': [0]}, progress=False)
+n, interrupts = 1, 0
+print('ready', flush=True)
+while interrupts < want:
+    try:
+        armed = True
+        write_memmap(p, np.full((1, 3), n, np.float32), meta={'y': [n]}, mode='a', progress=False)
+        armed = False
+    except KeyboardInterrupt: interrupts += 1
+    except StoreLockedError:   # a writer whose release an interrupt cut short unlocks when it is collected
+        armed = False; gc.collect(); continue
+    s = MemmapStore(p).verify(progress=False)
+    assert len(s) in (n, n + 1), (len(s), n)
+    assert (s.column('y') == np.arange(len(s))).all() and (s[:, 0] == np.arange(len(s))).all()
+    n = len(s)
+signal.signal(signal.SIGINT, signal.SIG_IGN)   # the signals still on their way
+print('ok', interrupts, n, flush=True)
+"""
+
+def test_defect3_real_sigint_at_random_moments(fast_dir):
+    "Real SIGINTs every few milliseconds into a process appending in a loop: after each, the store opens, verifies and holds every commit"
+    p = subprocess.Popen([sys.executable, '-c', SIGINT_LOOP, str(fast_dir/'s.fmm'), '300'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT)
+    try:
+        assert p.stdout.readline().strip() == 'ready', p.stderr.read()
+        rng, t0 = random.Random(3), time.monotonic()
+        while p.poll() is None and time.monotonic() - t0 < 240:
+            time.sleep(rng.uniform(0, 0.012))
+            try: p.send_signal(signal.SIGINT)
+            except ProcessLookupError: break
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None: p.kill()
+    assert p.returncode == 0 and out.startswith('ok'), err[-4000:]
+    interrupts, n = map(int, out.split()[1:3])
+    assert interrupts >= 300 and n > 20, out
+
 # ================================================================== 4: your own files in the target directory
 def test_defect4_user_files_in_the_directory_are_never_deleted(tmp_path):
     "Files named like `data-train.npy` or `meta-labels.npy` are yours: a directory holding them is not a store, and a store keeps them"
