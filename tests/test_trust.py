@@ -181,13 +181,12 @@ def test_defect2_a_writer_commits_at_most_once(tmp_path):
 # ================================================================== 3: an interrupt or an fsync error at every point of every commit
 class _Inject:
     """A profile function that raises `exc` at the `k`-th event (a call, a return, a C call or its return) in fastai_memmap's own
-    code, as a signal handler raising KeyboardInterrupt does between two bytecodes; `only`: count only calls of that C function.
-    The taking of the lock (`_lock`) is left alone: an interrupt there stops a writer before it wrote anything."""
+    code, as a signal handler raising KeyboardInterrupt does between two bytecodes; `only`: count only calls of that C function."""
     def __init__(self, k=None, exc=None, only=None):
         self.k, self.exc, self.only, self.n, self.commits = k, exc, only, 0, []
     def __call__(self, frame, event, arg):
         code = frame.f_code
-        if not code.co_filename.startswith(PKG) or code.co_name == '_lock': return
+        if not code.co_filename.startswith(PKG): return
         if self.only is not None and not (event == 'c_call' and arg is self.only): return
         self.n += 1
         if event == 'c_call' and arg is os.replace: self.commits.append(self.n)   # renames: the last one is the commit
