@@ -574,7 +574,7 @@ def _build_manifest(self:MemmapWriter) -> dict:
             finally: src.close()
             committed = {e['file'] for e in manifest_files(old)}
             gone = [e['file'] for k in itertools.chain(*runs) for e in manifest_files({'shards': [shards[k]]})]
-            retired += [dict(file=f, until=now + self.retain) for f in gone if f in committed]
+            if self.retain > 0: retired += [dict(file=f, until=now + self.retain) for f in gone if f in committed]   # else: removed after the commit
             first = {run[0]: rec for run, rec in zip(runs, merged)}
             dropped = set(itertools.chain(*runs)) - set(first)
             m['shards'] = [first.get(k, s) for k, s in enumerate(shards) if k not in dropped]

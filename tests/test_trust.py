@@ -315,7 +315,10 @@ def test_defect3_interrupt_or_fsync_error_at_any_point_of_a_commit(fast_dir, nam
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES3)
-def test_defect3_interrupt_at_every_point_slow(fast_dir, name):
+def test_defect3_interrupt_at_every_point_slow(fast_dir, name, request):
+    "Every point of every commit path (~1,500-3,500 each, about a minute each): run it explicitly with -m slow (CI runs every test)"
+    expr = request.config.getoption('markexpr') or ''
+    if 'slow' not in expr or 'not slow' in expr: pytest.skip("long: select it with -m slow")
     _scan3(name, fast_dir, full=True)
 
 SIGINT_LOOP = r"""
@@ -796,3 +799,31 @@ def test_read_only_directory_as_an_unprivileged_user(tmp_path):
         assert out[8] == 'cli compact: rc 1, says so' and out[9] == 'cli verify: rc 0', out
         assert _tree(p) == tree, "an unprivileged reader or a refused writer changed the store"
     finally: shutil.rmtree(root, ignore_errors=True)
+
+def test_defect15_remote_manifest_bounds(s3, tmp_path):
+    "The same bounds for a manifest read from an object store"
+    import boto3
+    url = f's3://{s3}/hostile.fmm'
+    write_memmap(url, X_(2), progress=False)
+    deep = ('{"format": ' + '{"a_key_of_some_length": ' * 20_000 + '1' + '}' * 20_001).encode()
+    boto3.client('s3').put_object(Bucket=s3, Key='hostile.fmm/manifest.json', Body=deep)
+    with pytest.raises(CorruptStoreError, match='nested deeper'): MemmapStore(url, cache_dir=tmp_path)
+    boto3.client('s3').put_object(Bucket=s3, Key='hostile.fmm/manifest.json', Body=b'[' + b'{},' * 500_000 + b'{}]')
+    with pytest.raises(CorruptStoreError, match='objects and lists'): MemmapStore(url, cache_dir=tmp_path)
+
+# ================================================================== many shards (issue "The index is out of core too")
+def test_appends_compact_their_tail(fast_dir):
+    "200 one-item appends with the defaults: the shard count stays small, every item and value exact, earlier readers unharmed"
+    p = fast_dir/'s.fmm'
+    write_memmap(p, X_(1, 0), meta={'k': [0]}, progress=False)
+    early = MemmapStore(p)
+    for i in range(1, 200): write_memmap(p, X_(1, i), meta={'k': [i]}, mode='a', progress=False)
+    s = MemmapStore(p).verify(progress=False)
+    assert s.n_shards <= 16, s.n_shards
+    np.testing.assert_array_equal(s[:], np.concatenate([X_(1, i) for i in range(200)]))
+    assert s.column('k').tolist() == list(range(200))
+    assert len(early) == 1 and early[0].tolist() == X_(1, 0)[0].tolist()   # its file was retired, not deleted
+    assert set(os.listdir(p)) >= {r['file'] for r in s.manifest.get('retired', [])}
+    c = s.compact(retain=0, progress=False)
+    assert c.n_shards == 1 and c.column('k').tolist() == list(range(200))
+    _clean(p)
