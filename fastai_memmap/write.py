@@ -430,8 +430,8 @@ class MemmapWriter:
 
     def _open_check(self):
         if self._state != 'open':
-            raise StoreError(f"this writer of {self.path} has {self._state}: it takes no more items (a writer commits at most "
-                             f"once). Open a new MemmapWriter(path, 'a') to add more.")
+            done = "has committed (a writer commits at most once)" if self._state == 'committed' else "was aborted"
+            raise StoreError(f"this writer of {self.path} {done}: it takes no more items. Open a new MemmapWriter(path, 'a') to add more.")
 
     def add(self, x, **meta):
         "Add one item `x` (an array), with its metadata values as keyword arguments"
