@@ -6,19 +6,20 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/format.html.md"""
 
 # %% auto #0
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_meta_dtype', 'npy_header', 'read_npy_header',
-           'shard_name', 'crc32_file', 'fsync_dir', 'validate_manifest', 'read_manifest', 'write_manifest',
-           'manifest_files']
+           'shard_name', 'crc32_file', 'fsync_dir', 'local_path', 'validate_manifest', 'parse_json', 'read_manifest',
+           'write_new', 'commit_file', 'write_manifest', 'manifest_files', 'retired_files']
 
 # %% ../nbs/01_format.ipynb #bb2f522c
-import io, json, math, os, re, stat, struct, tokenize, zlib
+import io, json, math, os, re, stat, struct, time, tokenize, zlib
+from urllib.parse import urlparse, unquote
 from pathlib import Path
 import numpy as np
 from .errors import *
 
 # %% ../nbs/01_format.ipynb #3bff56f8
 __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_meta_dtype', 'npy_header',
-           'read_npy_header', 'shard_name', 'crc32_file', 'fsync_dir', 'read_manifest', 'write_manifest',
-           'validate_manifest', 'manifest_files']
+           'read_npy_header', 'shard_name', 'crc32_file', 'fsync_dir', 'local_path', 'parse_json', 'read_manifest',
+           'write_new', 'commit_file', 'write_manifest', 'validate_manifest', 'manifest_files', 'retired_files']
 
 # %% ../nbs/01_format.ipynb #c66f92de
 FORMAT_NAME = 'fastai_memmap'
@@ -93,6 +94,18 @@ def fsync_dir(path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../nbs/01_format.ipynb #5d0e3b71
+def local_path(path) -> Path:
+    "`path` as a local `Path`; a `file://` URL gives its path, any other URL raises `StoreNotFoundError`"
+    if isinstance(path, str) and '://' in path:
+        u = urlparse(path)
+        if u.scheme != 'file':
+            raise StoreNotFoundError(f"{path} is a URL: `import fastai_memmap.remote` (or fastai_memmap.all) to use remote stores")
+        if u.netloc not in ('', 'localhost'):
+            raise StoreNotFoundError(f"{path} names a file on host {u.netloc!r}: mount it and give a local path")
+        return Path(unquote(u.path))
+    return Path(path)
+
 # %% ../nbs/01_format.ipynb #b3f47a4a
 def _bad(path, msg): return CorruptStoreError(f"{path}: {msg}. The store's manifest is damaged; restore it from a copy "
                                              f"or rewrite the store.")
@@ -144,9 +157,29 @@ def validate_manifest(m, path='manifest') -> dict:
             if s[k]['file'] in seen: raise _bad(path, f"the file {s[k]['file']} is used twice")
             seen.add(s[k]['file'])
     if total != n: raise _bad(path, f"its shards hold {total} items but its length is {n}")
+    ret = m.get('retired', [])
+    if not isinstance(ret, list) or not all(isinstance(r, dict) and set(r) == {'file', 'until'} and isinstance(r['file'], str)
+                                            and _NAME_RE.match(r['file']) and r['file'] not in seen and type(r['until']) in (int, float)
+                                            and math.isfinite(r['until']) for r in ret):
+        raise _bad(path, "retired must be a list of {file, until} objects naming shard files the shards do not use")
     return m
 
 # %% ../nbs/01_format.ipynb #9634a842
+_MAX_MANIFEST = 256 << 20   # bytes: ~750k shard records, far beyond any store (compact one that nears it)
+_BYTES_PER_NODE = 16        # each object or list of a manifest takes at least this many bytes of its JSON
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+def parse_json(raw:bytes, where, limit:int=_MAX_MANIFEST, bad=None):
+    "Parse the JSON document `raw` (the file `where`) within bounds: at most `limit` bytes, no more objects and lists than its size holds"
+    bad = bad or _bad
+    if len(raw) > limit: raise bad(where, f"it is {len(raw):,} bytes, more than any manifest needs ({limit:,})")
+    s = _STRING_RE.sub(b'""', raw)   # brackets inside strings do not count
+    if (nodes := s.count(b'{') + s.count(b'[')) > len(raw) // _BYTES_PER_NODE + 64:
+        raise bad(where, f"it holds {nodes:,} JSON objects and lists in {len(raw):,} bytes, far more than a manifest of that size has")
+    try: return json.loads(raw)
+    except RecursionError: raise bad(where, "it is nested deeper than any manifest") from None
+    except (ValueError, UnicodeDecodeError) as e: raise bad(where, f"it is not valid JSON ({e})") from None
+
 def read_manifest(path) -> dict:
     "Read and validate the manifest of the store at directory `path`"
     path = Path(path)
@@ -157,24 +190,38 @@ def read_manifest(path) -> dict:
     except NotADirectoryError:
         raise StoreNotFoundError(f"{path} is a file, not a store directory") from None
     if not stat.S_ISREG(st.st_mode): raise _bad(f, "it is not a regular file")
-    if st.st_size > 256 << 20: raise _bad(f, f"it is {st.st_size} bytes, more than any manifest needs")
-    try: m = json.loads(f.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e: raise _bad(f, f"it is not valid JSON ({e})") from None
-    return validate_manifest(m, f)
+    if st.st_size > _MAX_MANIFEST: raise _bad(f, f"it is {st.st_size:,} bytes, more than any manifest needs ({_MAX_MANIFEST:,})")
+    return validate_manifest(parse_json(f.read_bytes(), f), f)
 
 # %% ../nbs/01_format.ipynb #92b47147
+def write_new(p, data:bytes, mode:int=0o644):
+    "Write `data` to a new file at `p` and fsync it; whatever held the name is removed first, a symlink is never followed"
+    p = Path(p)
+    try: p.unlink()
+    except FileNotFoundError: pass
+    except IsADirectoryError: raise StoreError(f"{p} is a directory; a writer needs that name for a file: remove it") from None
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with open(fd, 'wb') as f:
+        f.write(data); f.flush(); os.fsync(f.fileno())
+
+def commit_file(path, name:str, data:bytes):
+    "Atomically replace `path/name` by `data`: write `name.tmp`, fsync it, rename it over `name` (the commit), fsync the directory"
+    path = Path(path)
+    write_new(path/(name + '.tmp'), data)
+    os.replace(path/(name + '.tmp'), path/name)
+    fsync_dir(path)
+
 def write_manifest(path, m:dict):
     "Commit manifest `m` to the store at `path`: write a temporary file, fsync it, rename it over the manifest, fsync the directory"
-    path = Path(path)
-    validate_manifest(m, path/MANIFEST)
-    tmp = path/(MANIFEST + '.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(json.dumps(m, indent=1).encode())
-        f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path/MANIFEST)
-    fsync_dir(path)
+    validate_manifest(m, Path(path)/MANIFEST)
+    commit_file(path, MANIFEST, json.dumps(m, indent=1).encode())
 
 # %% ../nbs/01_format.ipynb #bd75c671
 def manifest_files(m:dict) -> list:
     "Every file entry (`{'file','bytes','crc32'}`) that manifest `m` references"
     return [s[k] for s in m['shards'] for k in ('data', 'index', 'meta') if k in s]
+
+def retired_files(m:dict, now:float=None) -> list:
+    "Names of the files manifest `m` retired that must stay on disk at time `now` (default: now) for readers of older commits"
+    now = time.time() if now is None else now
+    return [r['file'] for r in m.get('retired', ()) if r['until'] > now]

@@ -8,14 +8,14 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/remote.html.md"""
 __all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStore', 'write_remote', 'stage']
 
 # %% ../nbs/08_remote.ipynb #467126c9
-import contextlib, fcntl, hashlib, io, json, os, re, tempfile, threading, time, weakref, zlib
+import contextlib, errno, fcntl, hashlib, io, itertools, json, os, re, tempfile, threading, time, weakref, zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from .errors import *
 from .format import *
 from .format import _NAME_RE
 from .store import MemmapStore, register_remote
-from .write import register_writer, write_memmap
+from .write import register_writer, write_memmap, _no_write
 
 # %% ../nbs/08_remote.ipynb #e48f1a7c
 __all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStore', 'write_remote', 'stage']
@@ -55,7 +55,8 @@ def _cache_name(url:str, endpoint:str=None) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '_', url.split('://', 1)[-1]).strip('_.')[-60:] + '-' + h
 
 # %% ../nbs/08_remote.ipynb #c7e51ec2
-_LOCK_FDS = set()   # lock descriptors this process holds right now
+_LOCK_FDS = {}   # lock descriptors this process holds right now -> the key of that taking
+_LOCK_KEYS = itertools.count()
 
 def _close_inherited_locks():
     for fd in list(_LOCK_FDS):
@@ -65,22 +66,39 @@ def _close_inherited_locks():
 
 if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited_locks)
 
+def _unflock(fd:int, key:int):
+    "Unlock and close `fd` if this process still holds it under `key`; safe to repeat"
+    if _LOCK_FDS.get(fd) != key: return
+    try: fcntl.flock(fd, fcntl.LOCK_UN)   # explicitly: a child forked meanwhile may share this descriptor
+    except OSError: pass
+    del _LOCK_FDS[fd]   # unlocked: if an interrupt lands after this line, only a descriptor is left open
+    os.close(fd)
+
+class _Fd:
+    "Owns lock descriptor `fd`: `close()` unlocks and closes it, and so does dropping this object (if a close was interrupted)"
+    def __init__(self, fd:int):
+        _LOCK_FDS[fd] = self.key = next(_LOCK_KEYS)
+        self.fd, self._close = fd, weakref.finalize(self, _unflock, fd, self.key)
+    def close(self):
+        _unflock(self.fd, self.key)
+        self._close.detach()
+
 @contextlib.contextmanager
 def _flock(path, block:bool=True):
-    "Hold an exclusive `flock` on `path` (created if needed); yields False if `block` is False and it is taken"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    _LOCK_FDS.add(fd)
+    "Hold an exclusive `flock` on `path` (created if needed, never through a symlink); yields False if `block` is False and it is taken"
+    try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP: raise
+        raise StoreError(f"{path} is a symbolic link; a lock file is never followed (it could create or lock a file elsewhere). "
+                         f"Remove it (rm '{path}') and try again.") from None
+    h = _Fd(fd)
     try:
         try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
         yield True
-    finally:   # unlock explicitly: a child forked meanwhile may share this descriptor, and closing ours would not release it
-        _LOCK_FDS.discard(fd)
-        try: fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError: pass
-        os.close(fd)
+    finally: h.close()
 
 # %% ../nbs/08_remote.ipynb #06810859
 def _read_full(f, n:int) -> bytes:
@@ -168,7 +186,7 @@ class ShardCache:
             p, tmp = self.path/e['file'], self.path/(e['file'] + '.part')
             if not self._reserve(e, tmp, demand, set(protect)): return None
             try:
-                with open(tmp, 'r+b') as f: download(e, f)
+                with open(os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), 'r+b') as f: download(e, f)
                 with _flock(self.path/'.lock'): os.replace(tmp, p)   # so that a scan, under the lock, sees it exactly once
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -176,8 +194,8 @@ class ShardCache:
             self._count(downloads=1, bytes=e['bytes'])
             return p
 
-    def _scan(self, own:str) -> tuple:
-        "`(files, parts)`: complete files as `(mtime, name, size)` and in-progress downloads as `(name, size)`; stale parts removed"
+    def _scan(self, own:str=None) -> tuple:
+        "`(files, parts)`: complete files as `(mtime, name, size)` and in-progress downloads as `(name, size)`; stale parts removed. `own`: the file whose stripe we hold"
         files, parts = [], []
         for d in os.scandir(self.path):
             try:
@@ -186,7 +204,7 @@ class ShardCache:
             except FileNotFoundError: continue
             if not d.name.endswith('.part'): files.append((st.st_mtime, d.name, st.st_size)); continue
             stripe = self._stripe(d.name[:-5])
-            if stripe == self._stripe(own): live = False    # we hold that stripe: nobody else can be downloading it
+            if own is not None and stripe == self._stripe(own): live = False   # we hold that stripe: nobody else can be downloading it
             else:
                 with _flock(stripe, block=False) as free: live = not free
             if live: parts.append((d.name, st.st_size))
@@ -209,7 +227,10 @@ class ShardCache:
                         used -= size
                         self._count(evictions=1)
                 if self.limit is None or used + need <= self.limit or (demand and used == 0):
-                    with open(tmp, 'wb') as f: f.truncate(need)     # counted at its full size from now on
+                    tmp.unlink(missing_ok=True)   # a new file, never through a symlink planted at its name
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    try: os.ftruncate(fd, need)     # counted at its full size from now on
+                    finally: os.close(fd)
                     return True
             if not demand: return False
             self._count(waits=1)
@@ -229,7 +250,11 @@ class ShardCache:
         "Delete every complete file of the cache (maps of them stay valid)"
         if not self.path.is_dir(): return
         with _flock(self.path/'.lock'):
-            for mtime, name, size in self._scan('')[0]: (self.path/name).unlink(missing_ok=True)
+            for mtime, name, size in self._scan()[0]: (self.path/name).unlink(missing_ok=True)   # downloads in progress stay
+
+    def drop(self, e:dict):
+        "Delete the cache's copy of file `e` (found damaged), so that the next fetch downloads it again"
+        with _flock(self._stripe(e['file'])), _flock(self.path/'.lock'): (self.path/e['file']).unlink(missing_ok=True)
 
 # %% ../nbs/08_remote.ipynb #54e22d76
 class _URL(str):
@@ -243,11 +268,7 @@ def _read_manifest_at(fs, root:str, where:str) -> dict:
     try: raw = fs.cat_file(f'{root}/{MANIFEST}')
     except FileNotFoundError:
         raise StoreNotFoundError(f"no fastai_memmap store at {where} (no {MANIFEST}): create one with write_memmap") from None
-    if len(raw) > 256 << 20: raise CorruptStoreError(f"{where}/{MANIFEST} is {len(raw)} bytes, more than any manifest needs")
-    try: m = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as ex:
-        raise CorruptStoreError(f"{where}/{MANIFEST}: it is not valid JSON ({ex}). The store's manifest is damaged.") from None
-    return validate_manifest(m, f'{where}/{MANIFEST}')
+    return validate_manifest(parse_json(raw, f'{where}/{MANIFEST}'), f'{where}/{MANIFEST}')
 
 class _Proc:
     "What a `RemoteStore` holds in one process: file system, cache, the held file, the prefetch thread"
@@ -400,9 +421,15 @@ class RemoteStore(MemmapStore):
         if kind == 'data' and ps.pos: ps.advance(k)
         hit = (k, kind) in self._fresh()
         downloads = ps.cache.stats['downloads']
+        e = self.manifest['shards'][k][kind]
+        name, cached = e['file'], hit or (ps.cache.path/e['file']).exists()
         try: a = super()._open(k, kind)
+        except CorruptStoreError:
+            if not cached: raise   # a fresh download failed its checks: the remote file is damaged
+            ps.release(); ps.cache.drop(e)   # the cached copy is damaged, not (as far as we know) the store: fetch it again
+            try: a = super()._open(k, kind)
+            finally: ps.release()
         finally: ps.release()
-        name = self.manifest['shards'][k][kind]['file']
         now = time.monotonic()
         if not hit or now - ps.touched.get(name, 0) > 1:   # keep what is being read recently used, for every process's LRU
             if hit:
@@ -425,6 +452,17 @@ class RemoteStore(MemmapStore):
         "Download every file (each is checked as it arrives) and check it as `MemmapStore.verify` does"
         try: return super().verify(progress)
         finally: self._proc().release()
+
+    def _verify_file(self, k:int, kind:str):
+        "Check one file; a cached copy that fails is dropped and downloaded again: only a damaged fresh copy blames the store"
+        ps = self._proc()
+        try: return super()._verify_file(k, kind)
+        except CorruptStoreError: pass
+        finally: ps.release()
+        self._fresh().pop((k, kind))
+        ps.cache.drop(self.manifest['shards'][k][kind])
+        try: return super()._verify_file(k, kind)
+        finally: ps.release()
 
     # --- the cache
     def prefetch(self, shards):
@@ -506,8 +544,9 @@ def write_remote(
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix='fmm-upload-') as d:
         local = Path(d)/'store.fmm'
         if base is not None: _placeholders(local, base)
-        built = write_memmap(local, data, meta=meta, mode='a' if base is not None else 'x', **kwargs)
-        new, skipped = built.manifest, getattr(built, 'skipped', [])
+        kwargs.pop('compact', None)   # the stand-ins hold no data to merge: shards at a URL are never compacted here
+        built = write_memmap(local, data, meta=meta, mode='a' if base is not None else 'x', compact=False, **kwargs)
+        new, skipped = {k: v for k, v in built.manifest.items() if k != 'retired'}, getattr(built, 'skipped', [])
         built.close()
         added = [e for e in manifest_files(new) if e['file'] not in keep]
         try:
@@ -532,41 +571,67 @@ def write_remote(
 register_writer(lambda path, data: is_url(path), write_remote)
 
 # %% ../nbs/08_remote.ipynb #97acd533
+_CHECKED = '.stage-checked.json'   # the files a verified staging checked, as they were then (size, times, inode)
+
+def _stat_key(p:Path) -> list:
+    st = os.stat(p, follow_symlinks=False)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+def _read_checked(dst:Path) -> dict:
+    "`{file: stat key}` of the files a verified staging of `dst` checked (empty if there is no valid record)"
+    try: d = json.loads((dst/_CHECKED).read_bytes()) if (dst/_CHECKED).stat().st_size < 64 << 20 else {}
+    except (OSError, ValueError): return {}
+    return d if isinstance(d, dict) else {}
+
+def _unchanged(p:Path, key) -> bool:
+    "Whether file `p` is exactly as when its CRC-32 was last checked (any write, truncation or replacement changes its ctime)"
+    try: return key is not None and _stat_key(p) == key
+    except OSError: return False
+
+def _write_checked(dst:Path, names):
+    try: write_new(dst/_CHECKED, json.dumps({n: _stat_key(dst/n) for n in sorted(names)}).encode())
+    except OSError: pass   # only a shortcut for the next staging
+
 def stage(
     src,  # The store to copy: a local directory or a URL
     dst,  # The local directory to copy it to (created if needed)
-    verify:bool=True,  # Check the CRC-32 of files kept from an unfinished copy, and every header (downloads are always checked)
+    verify:bool=True,  # Check the CRC-32 of every file kept from an earlier copy (unless unchanged since checked) and every header; False: sizes only
     storage_options:dict=None,  # fsspec options for a URL `src`
     workers:int=8,  # Files copied at once
     progress:bool=True,  # Show a progress bar
 ) -> MemmapStore:
     "Copy the store `src` to the local directory `dst`, resuming an interrupted copy and verifying every file; return it opened"
-    dst = Path(dst)
+    dst = local_path(dst)
     if is_url(src): fs, root, where = *remote_fs(src, storage_options), src.rstrip('/')
     else:
         from fsspec.implementations.local import LocalFileSystem
-        fs, root, where = LocalFileSystem(), str(Path(src).resolve()), str(src)
+        src = local_path(src)
+        fs, root, where = LocalFileSystem(), str(src.resolve()), str(src)
     m = _read_manifest_at(fs, root, where)
     if dst.exists() and not dst.is_dir(): raise StoreExistsError(f"{dst} exists and is a file, not a directory")
-    dst.mkdir(parents=True, exist_ok=True)
+    try: dst.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e: raise _no_write(dst.parent, e) from None
     with _flock(dst/'.lock'):   # other stagers of the same copy wait here, then find it done
         try: cur = read_manifest(dst) if (dst/MANIFEST).exists() else None
         except StoreError: cur = None
-        if cur == m:
-            try: res = MemmapStore(dst)   # complete, if every file has its size
+        names = {e['file'] for e in manifest_files(m)}
+        if cur == m and not verify:   # complete, if every file has its size
+            try: res = MemmapStore(dst)
             except CorruptStoreError: pass
             else:
-                res.staged = dict(kept=len(manifest_files(m)), fetched=0, bytes=0)
+                res.staged = dict(kept=len(names), fetched=0, bytes=0)
                 return res
-        names = {e['file'] for e in manifest_files(m)}
-        foreign = [p.name for p in dst.iterdir() if not (p.name in ('.lock', MANIFEST, MANIFEST + '.tmp') or _NAME_RE.match(p.name.removesuffix('.part')))]
+        ours = ('.lock', MANIFEST, MANIFEST + '.tmp', _CHECKED)
+        foreign = [p.name for p in dst.iterdir() if not (p.name in ours or _NAME_RE.match(p.name.removesuffix('.part')))]
         if foreign: raise StoreExistsError(f"{dst} holds files that are not a fastai_memmap store ({foreign[:3]}); choose another directory or empty it")
         for p in dst.glob('*.part'): p.unlink()
-        todo = [e for e in manifest_files(m) if not _file_ok(dst/e['file'], e, verify)]
+        checked = _read_checked(dst) if cur == m else {}
+        todo = [e for e in manifest_files(m) if not (_unchanged(dst/e['file'], checked.get(e['file'])) or _file_ok(dst/e['file'], e, verify))]
         def copy(e):
             tmp = dst/(e['file'] + '.part')
             try:
-                with fs.open(f'{root}/{e["file"]}', 'rb') as f, open(tmp, 'wb') as g: _copy_verified(f, g, e, where)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                with fs.open(f'{root}/{e["file"]}', 'rb') as f, open(fd, 'wb') as g: _copy_verified(f, g, e, where)
                 os.replace(tmp, dst/e['file'])
             except FileNotFoundError:
                 tmp.unlink(missing_ok=True)
@@ -585,14 +650,17 @@ def stage(
                     for f in futs: f.cancel()
                     raise
             fsync_dir(dst)
-        write_manifest(dst, m)   # the commit: the copy is complete
-        for p in dst.iterdir():   # files of an earlier, different copy
-            if _NAME_RE.match(p.name) and p.name not in names: p.unlink()
+        if cur != m: write_manifest(dst, m)   # the commit: the copy is complete (from here on, nothing deletes a file it names)
+        for p in dst.iterdir():   # files of an earlier, different copy (best effort: never fails a committed copy)
+            if _NAME_RE.match(p.name) and p.name not in names:
+                try: p.unlink()
+                except OSError: pass
         res = MemmapStore(dst)
         if verify:   # every header against the manifest (the bytes after them were checksummed above)
             for k, s in enumerate(m['shards']):
                 for kind in ('data', 'index', 'meta'):
                     if kind in s: res._open(k, kind)
             res.close()
+            _write_checked(dst, names)
         res.staged = dict(kept=len(names) - len(todo), fetched=len(todo), bytes=sum(e['bytes'] for e in todo))
         return res

@@ -19,9 +19,9 @@ from fastcore.basics import patch
 from fasttransform import Transform
 from fastai.data.block import TransformBlock
 from .errors import *
-from .format import MANIFEST, check_dtype, fsync_dir
+from .format import MANIFEST, check_dtype, commit_file, local_path, parse_json
 from .store import MemmapStore, _size
-from .write import MemmapWriter, _lock
+from .write import MemmapWriter, _Held, _no_write, _warn_left
 from .data import MemmapItem, MemmapItemList, TensorMemmap, MemmapReader, MemmapDL, memmap_items
 from .show import show_array
 from .patches import mark_sparse
@@ -68,18 +68,18 @@ def _read_info(path:Path) -> dict:
                 ": create one with write_sparse")
         raise StoreNotFoundError(f"no sparse store at {path} (no {SPARSE_MANIFEST}){hint}")
     if f.stat().st_size > 1 << 20: raise _bad(f, "it is larger than any sparse manifest")
-    try: m = json.loads(f.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e: raise _bad(f, f"it is not valid JSON ({e})") from None
-    return _validate(m, f)
+    return _validate(parse_json(f.read_bytes(), f, limit=1 << 20, bad=_bad), f)
 
 def _write_info(path:Path, m:dict):
-    "Commit `sparse.json`: write a temporary file, fsync, rename it into place, fsync the directory"
+    "Commit `sparse.json`: write a temporary file (never through a symlink), fsync, rename it into place, fsync the directory"
     _validate(m, path/SPARSE_MANIFEST)
-    tmp = path/(SPARSE_MANIFEST + '.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(json.dumps(m, indent=1).encode()); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path/SPARSE_MANIFEST)
-    fsync_dir(path)
+    commit_file(path, SPARSE_MANIFEST, json.dumps(m, indent=1).encode())
+
+def _info_is(path:Path, info:dict) -> bool:
+    "Whether `sparse.json` on disk is `info`; True when it cannot be read at all (then nothing may be deleted)"
+    try: return _read_info(path) == info
+    except StoreNotFoundError: return False
+    except Exception: return True
 
 # %% ../nbs/11_sparse.ipynb #973d162d
 def _item_shape(dim, D=None) -> tuple:
@@ -189,17 +189,25 @@ def _prepare(path:Path, mode:str) -> bool:
     if (path/MANIFEST).exists(): raise StoreExistsError(f"{path} holds a dense fastai_memmap store; choose another path")
     if (path/SPARSE_MANIFEST).exists() and mode == 'x':
         raise StoreExistsError(f"a sparse store already exists at {path}: use mode='w' to replace it")
-    if not path.exists(): path.mkdir(parents=True); return True
+    if not path.exists():
+        try: path.mkdir(parents=True)
+        except PermissionError as e: raise _no_write(path.parent, e) from None
+        return True
     ours = {'.lock', SPARSE_MANIFEST, SPARSE_MANIFEST + '.tmp'}
     if foreign := [f.name for f in path.iterdir() if not (f.name in ours or _SUB_RE.match(f.name))]:
         raise StoreExistsError(f"{path} exists and is not a sparse store (it holds {foreign[:3]}); choose another path or empty it")
     return False
 
-def _cleanup(path:Path, keep=()):
-    "Remove sub-stores not in `keep` and a stale temporary manifest"
+_OWN_SUB_RE = re.compile(r'^(indices|values)-[0-9a-f]{12}$')   # the sub-stores write_sparse makes (never a name of yours)
+
+def _cleanup(path:Path, keep=()) -> list:
+    "Remove sub-stores not in `keep` and a stale temporary manifest (best effort); return what could not be removed"
+    failed = []
     for f in path.iterdir():
-        if (_SUB_RE.match(f.name) and f.name not in keep) or f.name == SPARSE_MANIFEST + '.tmp':
-            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+        if not ((_OWN_SUB_RE.match(f.name) and f.name not in keep) or f.name == SPARSE_MANIFEST + '.tmp'): continue
+        try: shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
+        except OSError as e: failed.append(f"{f.name} ({e.strerror})")
+    return failed
 
 def _check_meta_len(meta, n):
     if meta is None or n is None or not hasattr(meta, 'items'): return
@@ -220,7 +228,7 @@ def write_sparse(
     progress:bool=True,  # Show a progress bar for long writes
 ) -> 'SparseStore':
     "Write sparse items `X` (and `meta`) to a sparse store at `path` in one atomic commit; return it opened for reading"
-    path = Path(path)
+    path = local_path(path)
     item_shape, n, has_values, rows = _source(X, dim)
     _check_meta_len(meta, n)
     D = int(np.prod(item_shape, dtype=np.int64))
@@ -230,15 +238,15 @@ def write_sparse(
     if vdt is None and keep and sp.issparse(X): vdt = check_dtype(X.dtype)
     if shard_size < 1: raise ValueError("shard_size must be a positive number of bytes")
     created = _prepare(path, mode)
-    fd = _lock(path)
-    token, wi, wv, done = secrets.token_hex(6), None, None, False
+    held = _Held(path)
+    token, wi, wv, committed = secrets.token_hex(6), None, None, False
     try:
         try: old = _read_info(path) if (path/SPARSE_MANIFEST).exists() else None
         except CorruptStoreError:
             if mode != 'w': raise
             old = None
         if old is not None and mode == 'x': raise StoreExistsError(f"a sparse store already exists at {path}: use mode='w' to replace it")
-        _cleanup(path, () if old is None else (old['indices'], old['values']))
+        _warn_left(path, _cleanup(path, () if old is None else (old['indices'], old['values'])))
         elems = max(1, shard_size // max(idt.itemsize, 8 if vdt is None else vdt.itemsize))   # same items per shard in both
         wi = MemmapWriter(path/f'indices-{token}', 'x', dtype=idt, ragged=True, meta=meta, shard_size=elems * idt.itemsize)
         nnz, pending, count = 0, 0, 0
@@ -263,16 +271,19 @@ def write_sparse(
         info = dict(format=_FORMAT, version=_VERSION, item_shape=list(item_shape),
                     dtype=(vdt if keep else check_dtype(np.float32 if dtype is None else dtype)).str, index_dtype=idt.str,
                     length=count, nnz=nnz, indices=f'indices-{token}', values=f'values-{token}' if keep else None)
-        _write_info(path, info)
-        done = True
-        _cleanup(path, (info['indices'], info['values']))
+        try: _write_info(path, info)
+        except BaseException:
+            committed = _info_is(path, info)   # renamed into place: the commit stands, whatever came after
+            raise
+        committed = True
+        _warn_left(path, _cleanup(path, (info['indices'], info['values'])))   # the replaced sub-stores; never raises for a file
     finally:
-        if not done:
+        if not committed:
             for w in (wi, wv):
                 if w is not None: w.abort()
             for d in (f'indices-{token}', f'values-{token}'): shutil.rmtree(path/d, ignore_errors=True)
-            if created: shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
+            if created and not (path/SPARSE_MANIFEST).exists(): shutil.rmtree(path, ignore_errors=True)
+        held.release()
     return SparseStore(path)
 
 # %% ../nbs/11_sparse.ipynb #08d78d7f

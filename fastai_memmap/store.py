@@ -8,7 +8,7 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/store.html.md"""
 __all__ = ['register_remote', 'MemmapStore']
 
 # %% ../nbs/03_store.ipynb #cccce791
-import errno, mmap, os, resource, stat, sys, threading
+import errno, math, mmap, os, resource, stat, sys, threading
 from collections import OrderedDict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -99,7 +99,7 @@ class MemmapStore:
                  path,  # The store's directory
                  max_open:int=None,  # Most shard files kept mapped at once per process (an LRU); default: from `ulimit -n`
                  advice:str='normal'):  # Access-pattern advice for the kernel: 'normal', 'random', 'sequential' or 'willneed'
-        self.path, self.max_open = Path(path), max_open or _default_max_open()
+        self.path, self.max_open = local_path(path), max_open or _default_max_open()   # a file:// URL is a local path
         self._set_manifest(read_manifest(self.path))
         self._check_files()
         self.advise(advice)
@@ -164,13 +164,17 @@ class MemmapStore:
         p = self.path/e['file']
         try: st = os.lstat(p)
         except FileNotFoundError:
-            raise CorruptStoreError(f"{self.path}: the shard file {e['file']} named by the manifest is missing. "
-                                    f"Restore it from a copy or rewrite the store.") from None
+            raise CorruptStoreError(f"{self.path}: the shard file {e['file']} named by the manifest is missing. Restore it from a "
+                                    f"copy or rewrite the store (a reader opened before a compaction or a replace whose old files "
+                                    f"are gone: open the store again).") from None
         if stat.S_ISLNK(st.st_mode):
             real, root = os.path.realpath(p), os.path.realpath(self.path)
             if os.path.commonpath([real, root]) != root:
                 raise CorruptStoreError(f"{self.path}: {e['file']} is a symlink that leaves the store (to {real}); refusing to read it.")
-            st = os.stat(p)
+            try: st = os.stat(p)
+            except OSError as ex:   # dangling, or a loop
+                raise CorruptStoreError(f"{self.path}: {e['file']} is a symlink that leads to no file ({ex.strerror}). "
+                                        f"Restore the file from a copy or rewrite the store.") from None
         if not stat.S_ISREG(st.st_mode): raise CorruptStoreError(f"{self.path}: {e['file']} is not a regular file.")
         if st.st_size != e['bytes']:
             raise CorruptStoreError(f"{self.path}: {e['file']} is {st.st_size} bytes but the manifest records {e['bytes']}: "
@@ -200,7 +204,7 @@ def _map(self:MemmapStore, k:int, kind:str) -> tuple:
         raise CorruptStoreError(f"{self.path}: {e['file']} has a damaged .npy header ({ex}). Run verify() and restore it.") from None
     want_shape, want_dtype = self._expect(k, kind)
     ok = (want_shape is None or shape == want_shape) and (want_dtype is None or dtype == want_dtype)
-    ok = ok and hsize + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize == e['bytes']
+    ok = ok and hsize + math.prod(shape) * dtype.itemsize == e['bytes']   # Python ints: a crafted shape cannot wrap
     if kind == 'data' and self.ragged: ok = ok and len(shape) == 1
     if kind == 'meta':   # names, and each column's dtype: native and no wider than the manifest says
         want = dict(self.manifest['meta'])
@@ -260,12 +264,28 @@ def _locate(self:MemmapStore, i:int):
     k = int(np.searchsorted(self._starts, i, 'right')) - 1
     return k, i - int(self._starts[k])
 
+def _index_bad(idx:np.ndarray, n_el:int) -> np.ndarray:
+    "Which rows `[offset, *shape]` of a ragged index do not lie inside a data file of `n_el` elements (no int64 product can wrap)"
+    off, shp = idx[:, 0], idx[:, 1:]
+    bad = (off < 0) | (shp < 0).any(axis=1) | (off > n_el)
+    bad |= np.prod(shp.astype(np.float64), axis=1) > n_el + 1   # a size far beyond the file, whatever int64 would wrap it to
+    ok = ~bad
+    bad[ok] |= off[ok] + np.prod(shp[ok], axis=1, dtype=np.int64) > n_el   # exact now: these products are at most ~n_el
+    return bad
+
+@patch
+def _corrupt_index(self:MemmapStore, k:int, what:str):
+    return CorruptStoreError(f"{self.path}: the index of shard {k} ({self.manifest['shards'][k]['index']['file']}) gives {what} "
+                             f"an extent outside its data file. Run verify() and restore the store from a copy.")
+
 @patch
 def _item(self:MemmapStore, i:int):
     k, j = self._locate(i)
     if not self.ragged: return self._open(k)[j]
-    off, *shape = (int(v) for v in self._open(k, 'index')[j])
-    return self._open(k)[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+    row, data = self._open(k, 'index')[j:j + 1], self._open(k)
+    if _index_bad(row, len(data))[0]: raise self._corrupt_index(k, f"item {i}")
+    off, *shape = (int(v) for v in row[0])
+    return data[off:off + math.prod(shape)].reshape(shape)
 
 @patch
 def __getitem__(self:MemmapStore, i):
@@ -334,12 +354,14 @@ def take_padded(self:MemmapStore, idxs, pad_value=0) -> tuple:
     shard = np.searchsorted(self._starts, idxs, 'right') - 1
     local = idxs - self._starts[shard]
     ix = np.empty((len(idxs), 1 + self.item_ndim), np.int64)
-    for k in np.unique(shard): ix[shard == k] = self._open(int(k), 'index')[local[shard == k]]
+    for k in np.unique(shard):
+        ix[shard == k] = self._open(int(k), 'index')[local[shard == k]]
+        if _index_bad(ix[shard == k], len(self._open(int(k)))).any(): raise self._corrupt_index(int(k), "an item")
     shapes = ix[:, 1:]
     out = np.full((len(idxs), *(shapes.max(0) if len(idxs) else [0] * self.item_ndim)), pad_value, self.dtype)
     for j in np.lexsort((ix[:, 0], shard)):   # read each shard front to back
         s = shapes[j]
-        out[(j, *map(slice, s))] = self._open(int(shard[j]))[ix[j, 0]:ix[j, 0] + int(np.prod(s))].reshape(s)
+        out[(j, *map(slice, s))] = self._open(int(shard[j]))[ix[j, 0]:ix[j, 0] + math.prod(s)].reshape(s)
     return out, shapes
 
 # %% ../nbs/03_store.ipynb #a1f0c3dd
@@ -432,16 +454,15 @@ def verify(self:MemmapStore, progress:bool=True) -> MemmapStore:
     from fastprogress.fastprogress import progress_bar
     files = [(k, kind) for k, s in enumerate(self.manifest['shards']) for kind in ('data', 'index', 'meta') if kind in s]
     self._check_files()
-    for k, kind in (progress_bar(files, leave=False) if progress and len(files) > 1 else files):
-        a = self._open(k, kind)
-        e = self.manifest['shards'][k][kind]
-        if crc32_file(self._file(e), e['bytes'] - a.nbytes) != e['crc32']:
-            raise ChecksumError(f"{self.path}: {e['file']} (shard {k}, {kind}) does not match the checksum recorded at commit: "
-                                f"its contents changed on disk. Restore the file from a copy or rewrite the store.")
-        if kind == 'index':
-            idx = np.asarray(a)
-            sizes = np.prod(idx[:, 1:], axis=1, dtype=np.int64) if len(idx) else np.zeros(0, np.int64)
-            n_el = len(self._open(k))
-            if (idx[:, 1:] < 0).any() or (idx[:, 0] < 0).any() or (idx[:, 0] + sizes > n_el).any():
-                raise CorruptStoreError(f"{self.path}: the index of shard {k} points outside its data file.")
+    for k, kind in (progress_bar(files, leave=False) if progress and len(files) > 1 else files): self._verify_file(k, kind)
     return self
+
+@patch
+def _verify_file(self:MemmapStore, k:int, kind:str):
+    "Check shard `k`'s `kind` file: header, CRC-32 of its bytes, and (an index) the extents it gives"
+    a = self._open(k, kind)
+    e = self.manifest['shards'][k][kind]
+    if crc32_file(self._file(e), e['bytes'] - a.nbytes) != e['crc32']:
+        raise ChecksumError(f"{self.path}: {e['file']} (shard {k}, {kind}) does not match the checksum recorded at commit: "
+                            f"its contents changed on disk. Restore the file from a copy or rewrite the store.")
+    if kind == 'index' and _index_bad(np.asarray(a), len(self._open(k))).any(): raise self._corrupt_index(k, "an item")

@@ -1,6 +1,8 @@
 """Durability: the store never loses or silently corrupts data.
 
 Real files in tmp_path and real processes, no mocks: writers SIGKILLed at random points of create / replace / append,
+compactions SIGKILLed as their files appear, around their commit and while they remove retired files (readers that
+opened the store before keep reading it),
 every file of a store truncated, extended and bit-flipped, a table of bad inputs that must each raise their own
 error and change nothing, a property-based fuzz of the manifest reader, a full disk (RLIMIT_FSIZE), a read-only
 store, one writer against many readers, and the CLI's `verify` / `info`.
@@ -72,9 +74,9 @@ def _diff(s: MemmapStore, exp) -> str:
     return ''
 
 def _clean_names(path) -> tuple:
-    "(names in the store dir, names a clean store holds: its manifest's files, the manifest and the lock)"
+    "(names in the store dir, names a clean store holds: its manifest's files, those it retains for older readers, the manifest and the lock)"
     m = json.loads((Path(path)/MANIFEST).read_text())
-    return set(os.listdir(path)), {e['file'] for e in manifest_files(m)} | {MANIFEST, '.lock'}
+    return set(os.listdir(path)), {e['file'] for e in manifest_files(m)} | {r['file'] for r in m.get('retired', [])} | {MANIFEST, '.lock'}
 
 def _assert_clean(path):
     have, want = _clean_names(path)
@@ -104,6 +106,11 @@ import json, os, sys, time
 from fastai_memmap.write import write_memmap
 def say(msg): os.write(1, (msg + '\n').encode())
 def run(job):
+    if 'compact' in job:   # a compaction: nothing streams, it starts now
+        from fastai_memmap.store import MemmapStore
+        say('end')
+        MemmapStore(job['path']).compact(shard_size=job['compact'], retain=job['retain'], progress=False)
+        return
     items = make_items(job['seed'], job['n'], job['ragged'], job['dtype'])
     def source():
         for i, x in enumerate(items):
@@ -295,6 +302,95 @@ def test_kill_replace(zygote, tmp_path, n_kills):
     COUNTS['kill points (replace)'] += n_kills
     for k, v in stats.items(): COUNTS[f'kill outcome {k}'] += v
     assert sum(v for k, v in stats.items() if '->' in k) == n_kills, stats
+
+# --- 1b. compaction killed: at new files, at the temporary manifest, after the rename, while retired files go
+
+def _watch_kill(z, job, when) -> bool:
+    """Run compaction `job` in a fresh child of the zygote and SIGKILL it at `when`: ('new', k) the k-th new file appears,
+    ('tmp', s) s seconds after the temporary manifest appears, ('renamed', 0) the manifest was replaced, ('gone', k) k of the old files were
+    removed (all seen by polling the directory in a tight loop), or ('delay', s) seconds after it started. Returns whether
+    the child was killed (rather than finishing first)."""
+    path = Path(job['path'])
+    before, ino = set(os.listdir(path)), os.stat(path/MANIFEST).st_ino
+    z._send(json.dumps(job))
+    pid, done, t0 = None, False, None
+    while pid is None:
+        line = z._line()
+        if line.startswith('pid '): pid, t0 = int(line[4:]), time.monotonic()
+    def due():
+        names = set(os.listdir(path))
+        if when[0] == 'new': return len(names - before - {MANIFEST + '.tmp'}) >= when[1]
+        if when[0] == 'tmp': return MANIFEST + '.tmp' in names and (time.sleep(when[1]) or True)
+        if when[0] == 'renamed':
+            try: return os.stat(path/MANIFEST).st_ino != ino
+            except FileNotFoundError: return False
+        if when[0] == 'gone': return len(before - names) >= when[1]
+        return time.monotonic() - t0 >= when[1]
+    killed = False
+    while not done:
+        if due():
+            os.kill(pid, signal.SIGKILL); killed = True
+            break
+        if select.select([z.fd], [], [], 0)[0]: z.buf += os.read(z.fd, 1 << 16)   # never block: the directory is watched
+        while b'\n' in z.buf:
+            line = z._line()
+            if line == 'done': done = True
+            assert not line.startswith('error '), line
+    z._send('reap')
+    while not (line := z._line()).startswith('exit '):
+        assert not line.startswith('error '), line
+        if line == 'done': killed = False   # it finished before the kill landed
+    return killed and not done
+
+def _compaction_points(rng, n, n_new, n_old, secs):
+    """`n` kill points over a compaction: 0-2.5 ms after the temporary manifest appears (its fsync, the rename, the directory's
+    fsync), the rename seen, old files removed, new files spread out, random times"""
+    fixed = [('tmp', d / 1000) for d in (0, 0.3, 0.6, 1, 1.5, 2.5)] + [('renamed', 0), ('gone', 1), ('gone', n_old)]
+    m = max(0, n - len(fixed) - n // 4)
+    news = [('new', k) for k in range(1, n_new + 1)]
+    pts = fixed + news[::max(1, -(-len(news) // max(1, m)))][:m]
+    return pts + [('delay', float(rng.uniform(0, 3 * secs))) for _ in range(n - len(pts))]
+
+@pytest.mark.parametrize('n_kills', _kill_params(16, 60))
+def test_kill_compaction(zygote, tmp_path, n_kills):
+    """compact() killed at every stage: the store holds its items exactly, compacted or not, never a mix; readers that
+    opened it before (with shards mapped or not) read the same items; a later append succeeds and leaves no debris"""
+    rng, stats = np.random.default_rng(4000 + n_kills), Counter()
+    template, size = tmp_path/'template.fmm', 1200
+    exp = _state(make_items(7, 90, True), make_meta(7, 0, 90))
+    write_memmap(template, exp[0], meta=exp[1], ragged=True, shard_size=60, progress=False)
+    cal = tmp_path/'cal.fmm'; shutil.copytree(template, cal)   # what a compaction does here, and how long it takes
+    t0 = time.monotonic(); c = MemmapStore(cal).compact(shard_size=size, retain=0, progress=False); secs = time.monotonic() - t0
+    n0, n1 = MemmapStore(template).n_shards, c.n_shards
+    assert n1 < n0 / 4, (n0, n1)
+    pts = _compaction_points(rng, n_kills, len(manifest_files(c.manifest)), len(manifest_files(MemmapStore(template).manifest)), secs)
+    for i, when in enumerate(pts):
+        path = tmp_path/f'c{i}.fmm'
+        shutil.copytree(template, path)
+        retain = 0 if when[0] == 'gone' or i % 4 == 3 else 3600
+        mapped, unmapped = MemmapStore(path), MemmapStore(path)
+        mapped[:]; mapped.column('y'); mapped.column('s')   # every file mapped (or read) before the compaction
+        killed = _watch_kill(zygote, dict(path=str(path), compact=size, retain=retain), when)
+        s = MemmapStore(path).verify(progress=False)
+        assert not _diff(s, exp), _diff(s, exp)
+        assert s.n_shards in (n0, n1), s.n_shards
+        outcome = 'before' if s.n_shards == n0 else 'after'
+        if outcome == 'before': assert s.manifest['shards'] == mapped.manifest['shards']
+        stats[f"{when[0]}{'' if killed else ' (finished first)'}->{outcome}"] += 1
+        assert not _diff(mapped, exp), "a reader with its maps open lost data"
+        if retain or outcome == 'before': assert not _diff(unmapped, exp), "a reader opened before the compaction lost data"
+        more = _state(make_items(8 + i, 2, True), make_meta(8 + i, 90, 2))
+        s2 = write_memmap(path, more[0], meta=more[1], mode='a', progress=False)
+        assert not _diff(s2, _state(exp[0] + more[0], _concat_meta(exp[1], more[1])))
+        s2.verify(progress=False)
+        _assert_clean(path)
+        if retain: assert not _diff(unmapped, exp), "a later append took files an earlier reader needs"
+        shutil.rmtree(path)
+    killed = {k: v for k, v in stats.items() if 'finished' not in k}
+    COUNTS['kill points (compaction)'] += sum(killed.values())
+    for k, v in stats.items(): COUNTS[f'kill outcome compaction {k}'] += v
+    assert any(k.endswith('->before') for k in killed), stats
+    if n_kills >= 60: assert any(k.endswith('->after') for k in killed), stats   # a kill after the rename (timing: the long run)
 
 # --- 2. corruption: every kind of file truncated, extended, bit-flipped
 
