@@ -52,15 +52,16 @@ def child_memmap(path:str, epoch:bool) -> dict:
         for i, (x, y) in enumerate(dls.train):
             m += len(x)
             if i % 2000 == 0: peak = max(peak, status()['RssAnon'])
+        r['epoch_sps'] = m / (time.perf_counter() - t)
         order = len(dls.train_ds) * dls.train.get_idxs().itemsize   # the epoch's order: one array, shared by the threads
+        r.update(epoch_items=m, order=order, loader_extra=max(0, peak - s1['RssAnon'] - order) / max(1, r['threads']),
+                 file_epoch=status()['RssFile'] - s0['RssFile'])
         import numpy as np   # the store's own read of random batches (in store order, as the loader's are), one thread: the reference
         st, rng = dls.train.items.store, np.random.default_rng(0)
         bts = [np.sort(rng.integers(0, r['n'], 64)) for _ in range(20000)]
         t = time.perf_counter()
         for b in bts: st.take(b)
         r['take_sps'] = 64 * len(bts) / (time.perf_counter() - t)
-        r.update(epoch_sps=m / (time.perf_counter() - t), epoch_items=m, order=order,
-                 loader_extra=max(0, peak - s1['RssAnon'] - order) / max(1, r['threads']), file_epoch=status()['RssFile'] - s0['RssFile'])
     return r
 
 def child_stock(path:str) -> dict:

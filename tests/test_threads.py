@@ -115,7 +115,7 @@ def test_test_dl_get_preds_and_export(tmp_path):
 # -------------------------------------------------------------------------------- clean shutdown
 def test_break_stops_the_threads_and_the_next_epoch_is_whole(tmp_path):
     labelled(tmp_path/'s.fmm', n=2000)
-    dls, _ = pair(tmp_path/'s.fmm', bs=16)
+    dls, _ = pair(tmp_path/'s.fmm', bs=16, prefetch_factor=2)   # 2 batches ahead per thread: the threads are still at work
     dl = dls.train
     for i, b in enumerate(dl):
         if i == 0: assert 1 <= len(loading_threads()) <= 2
