@@ -376,14 +376,14 @@ def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> list:
     return [idxs[j * bs:(j + 1) * bs] for j in range(nb)]
 
 @patch
-def _load(self:MemmapDL, idxs, n_threads:int):
-    "Batches of the dataset items `idxs`, each read in one go, in `n_threads` threads ahead of the consumer"
-    idxs = np.asarray(idxs, dtype=np.int64)
+def _load(self:MemmapDL, batches:list, n_threads:int):
+    "`batches` (int arrays of dataset items), each read in one go, in `n_threads` threads ahead of the consumer"
+    batches = [np.asarray(b, dtype=np.int64) for b in batches]
     if self.advice: self._store.advise(self.advice)
-    if hasattr(self._store, 'prefetch') and len(idxs):   # a remote store fetches the shards this epoch needs, in order
-        order = self._shard_of[idxs]
+    if hasattr(self._store, 'prefetch') and batches:   # a remote store fetches the shards this epoch needs, in order
+        order = self._shard_of[np.concatenate(batches)]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(n_threads, self._depth())(self._read, self._batch_idxs(idxs))
+    return Prefetcher(n_threads, self._depth())(self._read, batches)
 
 @patch
 def _depth(self:MemmapDL) -> int:
@@ -398,11 +398,36 @@ def _deliver(self:MemmapDL, b, after_batch):
     return after_batch(b) if after_batch.fs else b
 
 @patch
+def _epoch_begin(self:MemmapDL, world_size:int=1, batches:bool=True) -> tuple:
+    "Note what an epoch starts from: the generator's state before `randomize`, no batch delivered yet; return the epoch it interrupts (a `one_batch` inside one) and the pending resume"
+    outer = self.__dict__.get('_epoch')
+    self._epoch = dict(rng=self.rng.getstate(), done=[[world_size, 0]] if batches else None)   # done: [processes, batches] per part
+    return outer, self.__dict__.pop('_resume', None)
+
+@patch
+def __len__(self:MemmapDL):
+    res = self.__dict__.get('_resume')
+    return TfmdDL.__len__(self) if res is None else self._resumed_len(res, 0, 1)
+
+@patch
 def __iter__(self:MemmapDL):
-    if not self._plan(): yield from TfmdDL.__iter__(self); return
-    self.randomize(); self.before_iter()
-    for b in self._load(self.get_idxs(), self.fake_l.num_workers): yield self._deliver(b, self.after_batch)
-    self.after_iter()
+    if not self._plan():
+        outer, _ = self._epoch_begin(batches=False)
+        try: yield from TfmdDL.__iter__(self)
+        finally: self._epoch = outer
+        return
+    outer, res = self._epoch_begin()
+    ep = self._epoch
+    try:
+        self.randomize(); self.before_iter()
+        idxs = self.get_idxs()
+        batches = self._batch_idxs(idxs) if res is None else self._resumed(idxs, res, 0, 1)
+        for b in self._load(batches, self.fake_l.num_workers):
+            b = self._deliver(b, self.after_batch)
+            ep['done'][-1][1] += 1
+            yield b
+        self.after_iter()
+    finally: self._epoch = outer
 
 # %% ../nbs/05_data.ipynb #5d00000d
 _DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shards', '_bufs', '_item_bytes')
