@@ -161,7 +161,8 @@ def _resumed_len(self:MemmapDL, res:dict, rank:int, world_size:int) -> int:
 def _plain(o):
     "`o` as plain containers (dict, list, tuple), strings, numbers, None and tensors, which `torch.load(weights_only=True)` reads"
     if isinstance(o, np.generic): return o.item()   # first: numpy's float64 is a float
-    if o is None or isinstance(o, (bool, int, float, str, torch.Tensor)): return o
+    if isinstance(o, torch.Tensor): return o if type(o) is torch.Tensor else o.as_subclass(torch.Tensor)   # fastai's tensor types are classes
+    if o is None or isinstance(o, (bool, int, float, str)): return o
     if isinstance(o, np.ndarray): return torch.from_numpy(np.array(o))
     if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
     if isinstance(o, tuple): return tuple(_plain(v) for v in o)
@@ -492,7 +493,7 @@ def _save(self:ResumeCallback, mid:bool):
         dl = _inner(dl)
         loaders.append(dl.state_dict() if isinstance(dl, MemmapDL) else
                        dict(kind=type(dl).__name__, rng=dl.rng.getstate()) if hasattr(dl, 'rng') else None)
-    ck = dict(format=_FORMAT, version=1, world_size=len(states), fit=fit, model=get_model(learn.model).state_dict(),
+    ck = dict(format=_FORMAT, version=1, world_size=len(states), fit=fit, model=_plain(dict(get_model(learn.model).state_dict())),
               opt=_opt_state(learn.opt), loaders=loaders, ranks=states)
     _atomic_save(ck, self.fpath)
     self._last = time.monotonic()

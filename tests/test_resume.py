@@ -32,6 +32,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle
 from fastai.metrics import accuracy
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 from fastai.torch_core import get_model
 from fasttransform import Transform
 from fastai_memmap.all import write_memmap, memmap_items, MemmapBlock, TensorMemmap, ResumeCallback
@@ -110,7 +111,7 @@ def train(cfg:dict, conn=None):
                     splitter=ColSplitter('is_valid')).dataloaders(cfg['store'], bs=BS, num_workers=cfg['nw'], **cfg['dl'])
     ctl = Control(conn, cfg.get('pause_at'), cfg.get('sleep', 0.))
     learn = Learner(dls, Net(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=cfg['path'], cbs=[BatchLog(out/f'log{rank}.jsonl'), ctl])
-    rcb = ResumeCallback(every=cfg.get('every', EVERY), verbose=False)
+    rcb = ResumeCallback(every=cfg.get('every', EVERY), every_secs=cfg.get('every_secs'), verbose=False)
     with learn.distrib_ctx() if cfg.get('ddp') else contextlib.nullcontext(), learn.no_bar(), learn.no_logging():
         for n_epoch in cfg.get('fits', [EPOCHS]):
             if cfg.get('one_cycle', True): learn.fit_one_cycle(n_epoch, 1e-2, cbs=rcb)
@@ -206,12 +207,12 @@ def check_chain(ref_out, outs, kills, n_epoch=EPOCHS):
     assert same_weights(Path(ref_out)/'final0.pth', Path(outs[-1])/'final0.pth')
     assert json.loads((Path(outs[-1])/'rec0.json').read_text()) == json.loads((Path(ref_out)/'rec0.json').read_text())
 
-def chain(cfg:dict, kills:list, tmp:Path) -> list:
-    "Run `cfg` killed at each of `kills` in turn (each run after the first resumes), then to the end; the runs' output folders"
+def chain(cfg:dict, kills:list, tmp:Path, vary=None) -> list:
+    "Run `cfg` (changed by `vary(j)` in run `j`) killed at each of `kills` in turn (each run after the first resumes), then to the end"
     outs = []
     for j, kill in enumerate(list(kills) + [None]):
         outs.append(tmp/f'run{j}')
-        killed, code, _ = run({**cfg, 'out': str(outs[-1])}, kill)
+        killed, code, _ = run({**cfg, **(vary(j) if vary else {}), 'out': str(outs[-1])}, kill)
         assert killed == (kill is not None), f"run {j} was not killed at {kill}"
         assert code == (-signal.SIGKILL if killed else 0), code
     ck = Path(cfg['path'])/'models'
@@ -284,12 +285,12 @@ def test_random_kill_points_spread(stores, tmp_path_factory):
     assert {min(k[2] // NB, EPOCHS - 1) for k in kills} == set(range(EPOCHS))
 
 def test_kill_at_chosen_points(stores, tmp_path, tmp_path_factory):
-    "Killed right after a checkpoint, before validation, at an epoch's start (after its checkpoint), just after an epoch began"
+    "Killed right after a checkpoint, before validation, at an epoch's start (after its checkpoint), just after an epoch began; resumed with and without loading threads in turn"
     ref_out, events = reference(stores, 'full', tmp_path_factory)
     kills = [(0, 'b', 2 * EVERY), (0, 'v', 2 * NB), (0, 'b', 2 * NB), (0, 's', 2 * NB + 3)]
     assert all(k in events for k in kills)
     assert [expected_start(k)[1] for k in kills] == [10, 35, 36, 36]
-    outs = chain(mode_cfg(stores, 'full', 2, tmp_path/'learn'), kills, tmp_path)
+    outs = chain(mode_cfg(stores, 'full', 2, tmp_path/'learn'), kills, tmp_path, vary=lambda j: dict(nw=2 * (j % 2)))
     check_chain(ref_out, outs, kills)
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(stores, tmp_path, tmp_path_factory):
@@ -358,7 +359,7 @@ def ddp(stores, tmp_path_factory):
     "Runs with 2 processes (torchrun, gloo) and 1: uninterrupted, killed, resumed with as many processes and with the other number"
     pytest.importorskip('accelerate')
     tmp = tmp_path_factory.mktemp('ddp')
-    base = dict(store=stores['fixed'], dl={}, one_cycle=True, nw=2, every=4)
+    base = dict(store=stores['fixed'], dl={}, one_cycle=True, nw=2, every=4, every_secs=3600)   # every_secs: process 0 decides, every batch
     rng = random.Random(13)
     r = dict(tmp=tmp, kill2=rng.randint(13, 17), kill1=rng.randint(21, 34))   # in epoch 1, after its first mid-epoch checkpoint
     rc, err = torchrun([{**base, 'path': str(tmp/'k2'), 'out': str(tmp/'k2_out'), 'pause_at': [0, 'b', r['kill2']]}], tmp)
@@ -564,3 +565,86 @@ def test_rest_of_an_epoch_examples():
     assert [[len(b) for b in r] for r in _layout(m, 3, 4, False, first)] == [[4], [3], [3]]
     # drop_last: what the uninterrupted epoch would have dropped stays dropped
     assert sorted(read_parts(10, [[1, 1], [2, 0]], 4, True)[0]) == list(range(8))
+
+
+# ----------------------------------------------------------------------------------------- the callback in this process
+class Stop(Exception): pass
+
+class StopAt(Callback):
+    "Raise (as a Ctrl-C would) before training batch `at`"
+    def __init__(self, at): self.at = at
+    def before_batch(self):
+        if self.training and self.train_iter == self.at: raise Stop('stopped')
+
+class Slow(Callback):
+    "Take 0.15 s after every 4th training batch"
+    def after_batch(self):
+        if self.training and self.train_iter % 4 == 0: time.sleep(0.15)
+
+class Trackers(Callback):
+    "The trackers' state as each epoch's training begins"
+    def before_fit(self): self.seen = []
+    def before_train(self): self.seen.append((self.epoch, self.learn.save_model.best, self.learn.early_stopping.wait))
+
+class Saved(Callback):
+    "The training batch of the checkpoint on disk after each batch (runs after ResumeCallback)"
+    order = 2000
+    def before_fit(self): self.at = []
+    def after_batch(self):
+        p = self.learn.path/self.learn.model_dir/'resume.pth'
+        if self.training: self.at.append(torch.load(p, weights_only=True)['fit']['train_iter'] if p.exists() else None)
+
+def learner(stores, tmp, seed=0, **kw):
+    from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    learn = Learner(loaders(stores['fixed'], seed), Net(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=tmp,
+                    cbs=[SaveModelCallback(fname='best'), EarlyStoppingCallback(patience=2, min_delta=0.05), Trackers()], **kw)
+    learn.recorder.train_metrics = True
+    return learn
+
+def test_trackers_training_metrics_and_time_based_checkpoints(stores, tmp_path):
+    torch.set_num_threads(1)
+    whole = learner(stores, tmp_path/'whole')
+    with whole.no_bar(), whole.no_logging(): whole.fit_one_cycle(EPOCHS, 1e-2)
+    learn = learner(stores, tmp_path/'cut')
+    learn.add_cbs([StopAt(NB + 11), Slow(), Saved()])
+    with learn.no_bar(), learn.no_logging(), pytest.raises(Stop):
+        learn.fit_one_cycle(EPOCHS, 1e-2, cbs=ResumeCallback(every=None, every_secs=0.1))
+    saved = set(t for t in learn.saved.at if t is not None)
+    assert set(range(4, NB + 11, 4)) <= saved and len(saved) <= NB + 11 - 8   # once 0.1 s had passed: after the slow batches, not every batch
+    ck = torch.load(tmp_path/'cut'/'models'/'resume.pth', weights_only=True)
+    assert ck['fit']['mid'] and ck['ranks'][0]['cbs']['early_stopping']['wait'] == learn.early_stopping.wait
+    again = learner(stores, tmp_path/'cut', seed=1)
+    with again.no_bar(), again.no_logging(): again.fit_one_cycle(EPOCHS, 1e-2, cbs=ResumeCallback(every=None, every_secs=0.1))
+    for a, b in zip(again.model.parameters(), whole.model.parameters()): assert torch.equal(a, b)
+    assert again.recorder.metric_names[1:3] == ['train_loss', 'train_accuracy']
+    assert again.recorder.values == whole.recorder.values   # training accuracy of the interrupted epoch included
+    assert again.trackers.seen == whole.trackers.seen[1:] and whole.trackers.seen[1][1] < 1   # the best so far went on (not inf)
+    assert (again.save_model.best, again.early_stopping.wait) == (whole.save_model.best, whole.early_stopping.wait)
+    assert not (tmp_path/'cut'/'models'/'resume.pth').exists()
+
+def test_clear_errors(stores, tmp_path):
+    torch.set_num_threads(1)
+    learn = learner(stores, tmp_path)
+    learn.add_cb(StopAt(7))
+    with learn.no_bar(), learn.no_logging(), pytest.raises(Stop): learn.fit(2, 1e-3, cbs=ResumeCallback(every=5))
+    p = tmp_path/'models'/'resume.pth'
+    good = p.read_bytes()
+    def fit(learn=None, n=2, **kw):
+        learn = learn or learner(stores, tmp_path)
+        with learn.no_bar(), learn.no_logging(): learn.fit(n, 1e-3, cbs=ResumeCallback(), **kw)
+    with pytest.raises(ValueError, match='a fit of 2 epochs; this one has 3'): fit(n=3)
+    other = learner(stores, tmp_path); other.model = Net(h=5)
+    with pytest.raises(ValueError, match='saved from another model'): fit(other)
+    with pytest.raises(ValueError, match='saved by a loader over other items'):
+        fit(Learner(loaders(stores['ragged']), Net(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, path=tmp_path,
+                    cbs=[SaveModelCallback(fname='best'), EarlyStoppingCallback(patience=2, min_delta=0.05)]))
+    p.write_bytes(good[:len(good) // 2])
+    with pytest.raises(ValueError, match='cannot be read as a checkpoint'): fit()
+    class Evil:
+        def __reduce__(self): return (os.system, (f'touch {tmp_path}/owned',))
+    torch.save({'format': 'fastai_memmap.ResumeCallback', 'evil': Evil()}, p)
+    with pytest.raises(ValueError, match='cannot be read as a checkpoint'): fit()
+    assert not (tmp_path/'owned').exists()   # nothing of it ran: checkpoints are read with weights_only=True
+    torch.save({'model': {}}, p)
+    with pytest.raises(ValueError, match='not a ResumeCallback checkpoint'): fit()
