@@ -280,14 +280,18 @@ def _rank_state(learn, rows:list, skip) -> dict:
                 scaler=_plain(scaler.state_dict()) if hasattr(scaler, 'state_dict') else None)
 
 # %% ../nbs/14_resume.ipynb #14000044
+def _values(f) -> list:
+    "Schedule `f` at a few points of training (None if its values are not numbers)"
+    try: return [np.ravel(np.asarray(f(p), dtype=np.float64)).tolist() for p in (0., .1, .3, .5, .7, .9, 1.)]
+    except (TypeError, ValueError): return None
+
 def _sched_sig(learn) -> list:
     "The values of every `ParamScheduler`'s schedules at a few points of training"
-    return [{k: [np.ravel(np.asarray(f(p), dtype=np.float64)).tolist() for p in (0., .1, .3, .5, .7, .9, 1.)] for k, f in cb.scheds.items()}
-            for cb in learn.cbs if type(cb) is ParamScheduler]
+    return [{k: _values(f) for k, f in cb.scheds.items()} for cb in learn.cbs if type(cb) is ParamScheduler]
 
 def _same_sched(a, b) -> bool:
     if len(a) != len(b) or any(x.keys() != y.keys() for x, y in zip(a, b)): return False
-    return all(np.allclose(np.asarray(x[k], dtype=np.float64), np.asarray(y[k], dtype=np.float64), rtol=1e-12, atol=0)
+    return all(x[k] is None or y[k] is None or np.allclose(np.asarray(x[k], dtype=np.float64), np.asarray(y[k], dtype=np.float64), rtol=1e-12, atol=0)
                for x, y in zip(a, b) for k in x)
 
 def _opt_state(opt) -> dict:
@@ -365,10 +369,8 @@ class ResumeCallback(Callback):
             self._skipped = True
             if self.verbose and _world()[0] == 0: print(f"ResumeCallback: fit {self._fit_no} had finished; {self.fpath} continues fit {ck['fit']['n']}")
             raise CancelFitException
-        if ck['fit']['n'] < self._fit_no:
-            warnings.warn(f"ResumeCallback: {self.fpath} is from an earlier fit of this run (fit {ck['fit']['n']}, this is fit {self._fit_no}); "
-                          f"starting afresh and replacing it")
-            return
+        if ck['fit']['n'] < self._fit_no:   # an earlier fit of this process was interrupted (Ctrl-C), and fit is called again
+            self._fit_no, self._fits = ck['fit']['n'], ck['fit']['n'] + 1
         self._restore(ck)
 
 # %% ../nbs/14_resume.ipynb #14000049

@@ -1,25 +1,29 @@
 """Resuming an interrupted epoch exactly where it stopped (`MemmapDL.state_dict`, `ResumeCallback`).
 
 Real training runs in real processes, killed with SIGKILL. Each run is a process forked from a server that has
-imported torch and fastai once (`multiprocessing`'s forkserver), so a run starts in a fraction of a second; it
-trains a small model with dropout, on batches that get random noise (torch's global generator), and reports
-each training step to the test, which lets it go on or kills it there (`kill -9`). Every run logs every batch it
-trained on or validated (item numbers, a checksum of the input's bytes, targets, loss); item `i` holds `i` in
-its first feature.
+imported torch and fastai once (`multiprocessing`'s forkserver), so a run starts in a fraction of a second. It
+trains a small model with dropout (CPU, one thread, deterministic algorithms), on batches that get random noise
+(torch's global generator), and logs every batch it trains on or validates (item numbers, a checksum of the
+input's bytes, targets, loss); item `i` holds `i` in its first feature. The test names a step of training (before
+a batch, after an optimizer step, before validation); when the run reaches it, it tells the test and waits, and
+the test kills it (`kill -9`). The run started again continues from its checkpoint.
 
 Asserted, for each shuffle mode (full, block-local, by shard, bucketed ragged items, weights, balance), with 0
-and 2 loading threads, killed at 2 random points (before a batch, after an optimizer step, before validation):
+and 2 loading threads, killed twice at random steps (seeded), then run to the end:
 - each run after a kill starts from the latest checkpoint before the kill (not from scratch);
 - every batch any run logged equals the uninterrupted run's batch at that place (items, values, loss), and the
   batches that count (each run's up to where the next one took over, then the last run's) are exactly the
   uninterrupted run's, in order;
 - the final weights, the recorder (values, smoothed losses, learning rates, schedule) are bitwise those of the
-  uninterrupted run; the checkpoint is gone at the end.
-Also: a crash in the middle of writing a checkpoint leaves the previous one usable; a script with two fits
-(as `fine_tune`) killed in the second skips the first; under `distrib_ctx` with 2 gloo processes (torchrun)
-the resumed run equals the uninterrupted one per process; resuming 2 processes' checkpoint in 1 process and 1
-process's in 2 sees every remaining sample of the interrupted epoch exactly once; the loader states alone (every
-mode); how the rest of an epoch is shared out; clear errors."""
+  uninterrupted run; no checkpoint or temporary file is left at the end.
+Also: chosen kill points (right after a checkpoint, before validation, at an epoch's start), resumed with and
+without loading threads in turn; a crash half-way through writing a checkpoint leaves the previous one usable;
+a script with two fits (as `fine_tune`) killed in the second skips the first; under `distrib_ctx` with 2 gloo
+processes (torchrun) the resumed run equals the uninterrupted one in each process; 2 processes' checkpoint
+resumed by 1 process, and 1 process's by 2, see every remaining sample of the interrupted epoch exactly once;
+in this process: the loader states alone (every mode, threads or not, a `break`, a `one_batch` inside an
+epoch, size, refusals), how the rest of an epoch is shared out (random cases), the trackers' and training
+metrics' state, time-based checkpoints, a fit called again after an interruption, clear errors."""
 import contextlib, json, multiprocessing as mp, os, random, shutil, signal, subprocess, sys, time, traceback, zlib
 from collections import Counter
 from pathlib import Path
@@ -514,12 +518,12 @@ def test_loader_state_refused_where_it_would_resume_wrong(stores):
     with pytest.raises(ValueError, match='saved by a loader over other items'): loaders(stores['ragged']).train.load_state_dict(st)
     with pytest.raises(ValueError, match=r"shuffle_block=None \(saved\) vs 'shard'"): loaders(stores['fixed'], shuffle_block='shard').train.load_state_dict(st)
     with pytest.raises(ValueError, match='not a MemmapDL state'): dls.train.load_state_dict({'epoch': None})
-    with pytest.warns(UserWarning):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')   # the per-item path's warning (once per process)
         slow = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'), item_tfms=Transform(lambda o: o),
                          splitter=ColSplitter('is_valid')).dataloaders(stores['fixed'], bs=BS).train
-        slow.one_batch()
-    from fastai_memmap.data import MemmapDL
-    MemmapDL._warned = False
+        assert not slow._plan()
     with pytest.raises(ValueError, match='only the batch path can resume'): slow.load_state_dict(st)
     sit = iter(slow); next(sit)
     with pytest.raises(ValueError, match="per-item path"): slow.state_dict()
@@ -583,8 +587,8 @@ class Slow(Callback):
 
 class Trackers(Callback):
     "The trackers' state as each epoch's training begins"
-    def before_fit(self): self.seen = []
-    def before_train(self): self.seen.append((self.epoch, self.learn.save_model.best, self.learn.early_stopping.wait))
+    def before_fit(self): self.states = []
+    def before_train(self): self.states.append((self.epoch, self.learn.save_model.best, self.learn.early_stopping.wait))
 
 class Saved(Callback):
     "The training batch of the checkpoint on disk after each batch (runs after ResumeCallback)"
@@ -619,7 +623,7 @@ def test_trackers_training_metrics_and_time_based_checkpoints(stores, tmp_path):
     for a, b in zip(again.model.parameters(), whole.model.parameters()): assert torch.equal(a, b)
     assert again.recorder.metric_names[1:3] == ['train_loss', 'train_accuracy']
     assert again.recorder.values == whole.recorder.values   # training accuracy of the interrupted epoch included
-    assert again.trackers.seen == whole.trackers.seen[1:] and whole.trackers.seen[1][1] < 1   # the best so far went on (not inf)
+    assert again.trackers.states == whole.trackers.states[1:] and whole.trackers.states[1][1] < 1   # the best so far went on (not inf)
     assert (again.save_model.best, again.early_stopping.wait) == (whole.save_model.best, whole.early_stopping.wait)
     assert not (tmp_path/'cut'/'models'/'resume.pth').exists()
 
@@ -648,3 +652,24 @@ def test_clear_errors(stores, tmp_path):
     assert not (tmp_path/'owned').exists()   # nothing of it ran: checkpoints are read with weights_only=True
     torch.save({'model': {}}, p)
     with pytest.raises(ValueError, match='not a ResumeCallback checkpoint'): fit()
+
+def test_fit_called_again_after_an_interruption_continues(stores, tmp_path):
+    "In a notebook: a fit interrupted (Ctrl-C), then called again on the same Learner (and the same callback), continues"
+    torch.set_num_threads(1)
+    whole = learner(stores, tmp_path/'whole')
+    with whole.no_bar(), whole.no_logging(): whole.fit(EPOCHS, 1e-3)
+    learn = learner(stores, tmp_path/'cut')
+    learn.add_cbs([ResumeCallback(every=3), StopAt(NB + 4), Seen()])
+    with learn.no_bar(), learn.no_logging(), pytest.raises(Stop): learn.fit(EPOCHS, 1e-3)
+    learn.remove_cb(StopAt)
+    with learn.no_bar(), learn.no_logging(): learn.fit(EPOCHS, 1e-3)
+    assert learn.seen.t[0] == NB + 3   # from the checkpoint after batch NB + 2
+    for a, b in zip(learn.model.parameters(), whole.model.parameters()): assert torch.equal(a, b)
+    assert learn.recorder.values == whole.recorder.values
+    assert not (tmp_path/'cut'/'models'/'resume.pth').exists()
+
+class Seen(Callback):
+    "The training batches of the last fit"
+    def before_fit(self): self.t = []
+    def before_batch(self):
+        if self.training: self.t.append(self.train_iter)
