@@ -10,3 +10,4 @@ from fastai_memmap.convert import *
 from fastai_memmap.remote import *
 from fastai_memmap.dask_io import *
 from fastai_memmap.distrib import *
+from fastai_memmap.resume import *

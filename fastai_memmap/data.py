@@ -368,22 +368,37 @@ def retain(self:MemmapDL, res, b):
     return TfmdDL.retain(self, res, b)
 
 # %% ../nbs/05_data.ipynb #5d00000a
-@patch
-def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> list:
-    "The epoch order `idxs` cut into batches (int64 arrays), as fastai cuts it"
-    bs = self.bs or 1
-    nb = len(idxs) // bs if self.drop_last else -(-len(idxs) // bs)
-    return [idxs[j * bs:(j + 1) * bs] for j in range(nb)]
+class _Batches:
+    "Batches `start..stop` of an epoch's order `idxs` cut every `bs` items: views made when asked for (no list of a million arrays)"
+    def __init__(self, idxs, bs:int, stop:int, start:int=0): self.idxs, self.bs, self.start, self.stop = idxs, bs, start, stop
+    def __len__(self): return self.stop - self.start
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            a, b, step = j.indices(len(self))
+            if step != 1: raise IndexError("batches are sliced with step 1")
+            return _Batches(self.idxs, self.bs, self.start + max(a, b), self.start + a)
+        if not -len(self) <= j < len(self): raise IndexError(f"batch {j} of {len(self)}")
+        k = self.start + (j % len(self))
+        return self.idxs[k * self.bs:(k + 1) * self.bs]
+    def __iter__(self):
+        for j in range(len(self)): yield self[j]
+    @property
+    def flat(self) -> np.ndarray: return self.idxs[self.start * self.bs:self.stop * self.bs]
 
 @patch
-def _load(self:MemmapDL, idxs, n_threads:int):
-    "Batches of the dataset items `idxs`, each read in one go, in `n_threads` threads ahead of the consumer"
-    idxs = np.asarray(idxs)   # int32 or int64: no copy of the epoch's order
+def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> _Batches:
+    "The epoch order `idxs` cut into batches, as fastai cuts it"
+    bs = self.bs or 1
+    return _Batches(idxs, bs, len(idxs) // bs if self.drop_last else -(-len(idxs) // bs))
+
+@patch
+def _load(self:MemmapDL, batches, n_threads:int):
+    "`batches` (int arrays of dataset items), each read in one go, in `n_threads` threads ahead of the consumer"
     if self.advice: self._store.advise(self.advice)
-    if hasattr(self._store, 'prefetch') and len(idxs):   # a remote store fetches the shards this epoch needs, in order
-        order = self._shard_of[idxs]
+    if hasattr(self._store, 'prefetch') and len(batches):   # a remote store fetches the shards this epoch needs, in order
+        order = self._shard_of[batches.flat if isinstance(batches, _Batches) else np.concatenate(list(batches))]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(n_threads, self._depth())(self._read, self._batch_idxs(idxs))
+    return Prefetcher(n_threads, self._depth())(self._read, batches)
 
 @patch
 def _depth(self:MemmapDL) -> int:
@@ -398,14 +413,39 @@ def _deliver(self:MemmapDL, b, after_batch):
     return after_batch(b) if after_batch.fs else b
 
 @patch
+def _epoch_begin(self:MemmapDL, world_size:int=1, batches:bool=True) -> tuple:
+    "Note what an epoch starts from: the generator's state before `randomize`, no batch delivered yet; return the epoch it interrupts (a `one_batch` inside one) and the pending resume"
+    outer = self.__dict__.get('_epoch')
+    self._epoch = dict(rng=self.rng.getstate(), done=[[world_size, 0]] if batches else None)   # done: [processes, batches] per part
+    return outer, self.__dict__.pop('_resume', None)
+
+@patch
+def __len__(self:MemmapDL):
+    res = self.__dict__.get('_resume')
+    return TfmdDL.__len__(self) if res is None else self._resumed_len(res, 0, 1)
+
+@patch
 def __iter__(self:MemmapDL):
-    if not self._plan(): yield from TfmdDL.__iter__(self); return
-    self.randomize(); self.before_iter()
-    for b in self._load(self.get_idxs(), self.fake_l.num_workers): yield self._deliver(b, self.after_batch)
-    self.after_iter()
+    if not self._plan():
+        outer, _ = self._epoch_begin(batches=False)
+        try: yield from TfmdDL.__iter__(self)
+        finally: self._epoch = outer
+        return
+    outer, res = self._epoch_begin()
+    ep = self._epoch
+    try:
+        self.randomize(); self.before_iter()
+        idxs = self.get_idxs()
+        batches = self._batch_idxs(idxs) if res is None else self._resumed(idxs, res, 0, 1)
+        for b in self._load(batches, self.fake_l.num_workers):
+            b = self._deliver(b, self.after_batch)
+            ep['done'][-1][1] += 1
+            yield b
+        self.after_iter()
+    finally: self._epoch = outer
 
 # %% ../nbs/05_data.ipynb #5d00000d
-_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shards', '_bufs', '_item_bytes')
+_DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shards', '_bufs', '_item_bytes', '_epoch', '_resume')
 
 @patch
 def __getstate__(self:MemmapDL): return {k: v for k, v in self.__dict__.items() if k not in _DERIVED}

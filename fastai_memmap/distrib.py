@@ -48,24 +48,39 @@ def _ddp_broadcast(self:MemmapDL, ddl, t, rank:int) -> list:
     return _broadcast_idxs(t, rank).tolist()
 
 @patch
-def _ddp_get_idxs(self:MemmapDL, ddl) -> np.ndarray:
-    "This process's piece of rank 0's epoch order (see `rank_idxs`), for `DistributedDL` `ddl`"
+def _ddp_order(self:MemmapDL, ddl) -> np.ndarray:
+    "Rank 0's epoch order, in every process; sets `ddl.n` and `ddl.n_padded` as fastai's `DistributedDL.get_idxs` does"
     idxs = _broadcast_idxs(self.get_idxs(), 0)
     ddl.n = len(idxs)
     ddl.n_padded = -(-ddl.n // ddl.world_size) * ddl.world_size
-    return rank_idxs(idxs, ddl.rank, ddl.world_size)
+    return idxs
+
+@patch
+def _ddp_get_idxs(self:MemmapDL, ddl) -> np.ndarray:
+    "This process's piece of rank 0's epoch order (see `rank_idxs`), for `DistributedDL` `ddl`"
+    return rank_idxs(self._ddp_order(ddl), ddl.rank, ddl.world_size)
 
 @patch
 def _ddp_len(self:MemmapDL, ddl) -> int:
-    "Batches each process reads in an epoch"
+    "Batches each process reads in an epoch (in an interrupted one: as many as if it had not been)"
+    res = self.__dict__.get('_resume')
+    if res is not None: return self._resumed_len(res, ddl.rank, ddl.world_size)
     per, bs = -(-self.n // ddl.world_size), ddl.bs or 1
     return per // bs if ddl.drop_last else -(-per // bs)
 
 @patch
 def _ddp_iter(self:MemmapDL, ddl):
-    "An epoch of `DistributedDL` `ddl`: this process's piece, read a batch at a time in this loader's threads"
-    ddl.randomize(); ddl.before_iter()
-    for b in self._load(ddl.get_idxs(), ddl.fake_l.num_workers):   # 0 inside `one_batch`
-        if ddl.device is not None and ddl.device.type != 'cpu': b = to_device(b, ddl.device, non_blocking=True)
-        yield ddl.after_batch(b)
-    ddl.after_iter()
+    "An epoch of `DistributedDL` `ddl`: this process's piece (or what is left of it), read a batch at a time in this loader's threads"
+    outer, res = self._epoch_begin(ddl.world_size)
+    ep = self._epoch
+    try:
+        ddl.randomize(); ddl.before_iter()
+        if res is None: batches = self._batch_idxs(ddl.get_idxs())
+        else: batches = self._resumed(self._ddp_order(ddl), res, ddl.rank, ddl.world_size)
+        for b in self._load(batches, ddl.fake_l.num_workers):   # 0 inside `one_batch`
+            if ddl.device is not None and ddl.device.type != 'cpu': b = to_device(b, ddl.device, non_blocking=True)
+            b = ddl.after_batch(b)
+            ep['done'][-1][1] += 1
+            yield b
+        ddl.after_iter()
+    finally: self._epoch = outer

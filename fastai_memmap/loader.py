@@ -19,7 +19,7 @@ class _Failed:
     def __init__(self, e): self.e = e
 
 class Prefetcher:
-    "Compute `fn(job)` for a list of jobs in `n_threads` threads, ahead of the consumer, yielding results in order"
+    "Compute `fn(job)` for a sequence of jobs in `n_threads` threads, ahead of the consumer, yielding results in order"
     def __init__(self,
                  n_threads:int,  # Threads computing jobs (0: compute each job in the consumer's thread, when asked for)
                  depth:int=2):  # Jobs each thread computes ahead of the consumer
@@ -27,8 +27,9 @@ class Prefetcher:
         self.n_threads, self.depth = int(n_threads), max(1, int(depth))
 
     def __call__(self, fn, jobs):
-        "A generator of `fn(job)` for each of `jobs`, in order"
-        jobs, n = list(jobs), min(self.n_threads, len(jobs))
+        "A generator of `fn(job)` for each of `jobs` (a sequence, or any iterable), in order"
+        if not (hasattr(jobs, '__len__') and hasattr(jobs, '__getitem__')): jobs = list(jobs)   # a sequence is used as it is
+        n = min(self.n_threads, len(jobs))
         if n == 0:
             for j in jobs: yield fn(j)
             return
