@@ -81,7 +81,8 @@ fields gives the column, value for value.
 
 **Merges are exact.** When a write brings a column's values in another dtype (an append, `combine_stores`, items
 read in different dtypes), the column's new dtype holds every value, committed and new, exactly: numpy's
-promotion when it does, else the committed dtype or one of the new values' dtypes, checked value by value.
+promotion when it does, else the committed dtype, one of the new values' dtypes or (for integers) `int64` or
+`uint64`, checked value by value.
 `int64` with `uint64` is never promoted to `float64` (which rounds values above 2**53), and datetime units are
 never assumed to widen (`datetime64[ns]` holds only the years 1678 to 2262). Committed files never change, so
 their fields must cast safely to the new dtype; the write's own files are rewritten in it when needed. When no
