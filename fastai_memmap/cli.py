@@ -16,9 +16,6 @@ from .store import MemmapStore
 from .write import RETAIN   # also attaches MemmapStore.compact
 from .convert import fmm_convert
 
-# %% ../nbs/12_cli.ipynb #d5d02e8c
-__all__ = ['fmm_demo', 'fmm_info', 'fmm_head', 'fmm_verify', 'fmm_compact', 'fmm_bench', 'main']
-
 # %% ../nbs/12_cli.ipynb #8e7f6edd
 def fmm_demo(
     path:str=None,  # Where to write the demo store (default: a temporary directory)
@@ -52,6 +49,7 @@ def fmm_info(path:str):  # The store directory
         print(f"  {c} ({v.dtype}): {desc}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #f1a2e23c
 def fmm_head(path:str, n:int=5):  # The store directory; number of items
     "Print the first `n` items of a store with their metadata"
     s = MemmapStore(path)
@@ -60,6 +58,7 @@ def fmm_head(path:str, n:int=5):  # The store directory; number of items
             print(f"[{i}] {dict(s.meta.iloc[i]) if s.meta_columns else ''} {s[i]}")
     return 0
 
+# %% ../nbs/12_cli.ipynb #bf1dccdc
 def fmm_verify(path:str):  # The store directory
     "Check every byte of a store against its manifest's sizes and checksums"
     s = MemmapStore(path).verify(progress=sys.stdout.isatty())
@@ -89,6 +88,7 @@ def _epoch_rate(dl) -> float:
     for b in dl: n += len(b[0])
     return n / (time.perf_counter() - t)
 
+# %% ../nbs/12_cli.ipynb #55cbe7b0
 def fmm_bench(
     n:int=20_000,  # Number of items
     shape:str='3,32,32',  # Item shape (float32), comma-separated

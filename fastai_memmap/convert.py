@@ -27,6 +27,7 @@ def _step(item_shape, dtype, chunk) -> int:
         return int(chunk)
     return max(1, _CHUNK_BYTES // max(1, int(np.prod(item_shape, dtype=np.int64)) * np.dtype(dtype).itemsize))
 
+# %% ../nbs/07_convert.ipynb #672eea5b
 def _memmap_rows(a, step):
     "Yield rows of memmap `a`, `step` at a time; a shared file map is mapped again here, so each chunk's pages can be dropped once consumed"
     if getattr(a, 'mode', None) not in ('r', 'r+', 'w+') or not isinstance(a.base, mmap.mmap) or not a.flags.c_contiguous or not a.size:
@@ -41,6 +42,7 @@ def _memmap_rows(a, step):
         yield b[lo:lo + step]
         if drop is not None: mm.madvise(drop)
 
+# %% ../nbs/07_convert.ipynb #976a7f3d
 def _read_header(f):
     "`(shape, fortran_order, dtype)` from the header of the `.npy` stream `f` (numpy's public readers; version 3.0 parsed as numpy does)"
     v = np.lib.format.read_magic(f)
@@ -65,6 +67,7 @@ class _ArrayPart:
         else:
             for lo in range(0, self.shape[0], step): yield self.a[lo:lo + step]
 
+# %% ../nbs/07_convert.ipynb #225df5a4
 class _NpyPart:
     "Rows of a `.npy` file, memory-mapped only while they are read"
     def __init__(self, path):
@@ -79,6 +82,7 @@ class _NpyPart:
             raise ReadError(f"{self.path} is not a readable .npy file ({e})") from None
     def rows(self, step): yield from _memmap_rows(self._open(), step)
 
+# %% ../nbs/07_convert.ipynb #faa270f1
 class _NpzMember:
     "Rows of one array of an `.npz` file, read from its zip stream"
     def __init__(self, path, name, shape, fortran, dtype, meta):
@@ -112,6 +116,7 @@ def _pick(shapes:dict, what:str, arg:str) -> str:
     raise IncompatibleDataError(f"{what} holds several arrays ({', '.join(f'{k} {tuple(s)}' for k, s in shapes.items())}); "
                                 f"say which one holds the items with {arg}=")
 
+# %% ../nbs/07_convert.ipynb #b2f89fb0
 def _split_meta(shapes:dict, dtypes:dict, key:str, what:str) -> list:
     "Names of the arrays (`shapes`, `dtypes`: by name) that are metadata columns for the items in `key`; warn about the others"
     n = shapes[key][0]
@@ -149,6 +154,7 @@ def _npz_part(path, key):
         raise ReadError(f"{path}: reading its metadata arrays failed ({type(e).__name__}: {e})") from None
     return _NpzMember(path, key, shapes[key], *info[key], meta)
 
+# %% ../nbs/07_convert.ipynb #14a38482
 def _file_part(path, key):
     "The part for one `.npy` or `.npz` file, told apart by their first bytes"
     try:
@@ -159,6 +165,7 @@ def _file_part(path, key):
     if magic == b'\x93NUMPY': return _NpyPart(path)
     raise ReadError(f"{path} is neither a .npy nor a .npz file (it starts with {magic!r})")
 
+# %% ../nbs/07_convert.ipynb #b59768fe
 def _dict_part(d:dict, key):
     "The part for a dict of named arrays, laid out like an `.npz`"
     arrs = {k: v if hasattr(v, 'shape') and hasattr(v, 'dtype') else np.asarray(v) for k, v in d.items()}
@@ -185,6 +192,7 @@ def _check_parts(parts, dtype):
     if dtype is None and not first.dtype.isnative: return first.dtype.newbyteorder('=')
     return dtype
 
+# %% ../nbs/07_convert.ipynb #eb239dbf
 def _parts_meta(parts, meta, source_col):
     "The metadata columns of all `parts` together, with the user's `meta` and each item's source in `source_col` (`{}`: none)"
     names = list(parts[0].meta)
@@ -203,6 +211,7 @@ def _parts_meta(parts, meta, source_col):
         if len(v) != n: raise MetadataError(f"metadata column {c!r} has {len(v)} values but the data has {n} items; give one value per item")
     return cols
 
+# %% ../nbs/07_convert.ipynb #e5af3885
 def _write_parts(parts, dst, meta, source_col, mode, dtype, chunk, shard_size, progress) -> MemmapStore:
     "Write the rows of `parts`, in order, and their metadata to the store at `dst` in one commit"
     dtype = _check_parts(parts, dtype)
@@ -281,6 +290,7 @@ class _Source(str):
         return s
     def __reduce__(self): return _Source, (str(self), self.values)
 
+# %% ../nbs/07_convert.ipynb #18a0cf19
 def _load_npy(path) -> np.ndarray:
     "One whole `.npy` file as an array"
     try: a = np.load(path, allow_pickle=False)
@@ -381,6 +391,7 @@ class _H5Part(_ArrayPart):
                 raise ReadError(f"{self.source}: reading rows {lo}..{lo + k - 1} failed ({type(e).__name__}: {e})") from None
             yield buf[:k]
 
+# %% ../nbs/07_convert.ipynb #9215b0b5
 def _h5_datasets(h5py, f) -> dict:
     "Every dataset in the open HDF5 file `f`: `{path: (shape, dtype)}`, with dtype `U` for strings"
     found = {}
@@ -481,6 +492,7 @@ def _kind(src:str) -> str:
     if p.is_file() or glob.has_magic(src): return 'npy'
     raise ReadError(f"{src}: no such file or folder")
 
+# %% ../nbs/07_convert.ipynb #2b685780
 def fmm_convert(
     src:str,  # A .npy/.npz file (or a quoted glob of them), a folder of .npy files, or an .h5/.hdf5 file
     dst:str,  # The store directory to write

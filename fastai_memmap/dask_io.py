@@ -63,6 +63,7 @@ def _split_meta(meta, data, nparts:int, is_array:bool) -> tuple:
             parts[c] = [col[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [{c: p[i] for c, p in parts.items()} for i in range(nparts)], list(parts)
 
+# %% ../nbs/09_dask_io.ipynb #3c6d85fe
 def _part_meta(meta, n:int) -> dict:
     "A partition's metadata as checked columns of `n` values each"
     if meta is None: return {}
@@ -84,6 +85,7 @@ def _write_block(part, meta, path, token, number, spec):
     except BaseException: sw.abort(); raise
     return sw, cols
 
+# %% ../nbs/09_dask_io.ipynb #65fb9a58
 def _write_elements(part, meta, path, token, number, spec):
     "Shard `number` from a bag partition: items, or `(item, {column: value})` pairs"
     dtype = None if spec['dtype'] is None else np.dtype(spec['dtype'])
@@ -150,6 +152,7 @@ def _client(client):
     try: return get_client()
     except ValueError: return None
 
+# %% ../nbs/09_dask_io.ipynb #51913f5f
 def _run(tasks:list, client, progress:bool) -> list:
     "Every task's result, in order; the first failure (by partition) raised once no task is still running"
     if client is None:
@@ -196,6 +199,7 @@ def _combine(results:list, w:MemmapWriter, spec:dict):
                 raise MetadataError(f"metadata column {c!r} holds {w.kinds[c]} values but partition {p} gives {k} values")
     w.shards, w.n = [r['rec'] for r in got], sum(r['rec']['length'] for r in got)
 
+# %% ../nbs/09_dask_io.ipynb #fb899aac
 def _committed(path:Path, token:str) -> bool:
     "Whether the store's committed manifest references files of write `token`"
     try: m = read_manifest(path)

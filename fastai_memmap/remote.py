@@ -11,20 +11,19 @@ __all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStor
 import contextlib, errno, fcntl, hashlib, io, itertools, json, os, re, tempfile, threading, time, weakref, zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from fastcore.basics import patch
 from .errors import *
 from .format import *
 from .format import _NAME_RE
 from .store import MemmapStore, register_remote
 from .write import register_writer, write_memmap, _no_write
 
-# %% ../nbs/08_remote.ipynb #e48f1a7c
-__all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStore', 'write_remote', 'stage']
-
 # %% ../nbs/08_remote.ipynb #7ab5e6d0
 def is_url(path) -> bool:
     "Whether `path` is a URL that names a remote store (`s3://`, `gs://`, `http://`, `memory://`...; not `file://`)"
     return isinstance(path, str) and '://' in path and not path.startswith('file://')
 
+# %% ../nbs/08_remote.ipynb #6826cb44
 def _endpoint(url:str, storage_options:dict) -> str:
     "The S3 endpoint for `url`: from `storage_options`, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else None"
     if url.split('://', 1)[0] not in ('s3', 's3a'): return None
@@ -44,6 +43,7 @@ def remote_fs(
     fs, path = fsspec.core.url_to_fs(url, **so)   # fsspec shares instances within a process (and not across forks)
     return fs, path.rstrip('/')
 
+# %% ../nbs/08_remote.ipynb #9bc57e6f
 def default_cache_dir() -> Path:
     "The per-user cache of remote stores: `$FASTAI_MEMMAP_CACHE`, else `$XDG_CACHE_HOME/fastai_memmap` (`~/.cache/fastai_memmap`)"
     if d := os.environ.get('FASTAI_MEMMAP_CACHE'): return Path(d)
@@ -56,6 +56,7 @@ def _cache_name(url:str, endpoint:str=None) -> str:
 
 # %% ../nbs/08_remote.ipynb #c7e51ec2
 _LOCK_FDS = {}   # lock descriptors this process holds right now -> the key of that taking
+
 _LOCK_KEYS = itertools.count()
 
 def _close_inherited_locks():
@@ -83,6 +84,7 @@ class _Fd:
         _unflock(self.fd, self.key)
         self._close.detach()
 
+# %% ../nbs/08_remote.ipynb #c561e3be
 @contextlib.contextmanager
 def _flock(path, block:bool=True):
     "Hold an exclusive `flock` on `path` (created if needed, never through a symlink); yields False if `block` is False and it is taken"
@@ -132,6 +134,7 @@ def _copy_verified(src, dst, e:dict, where:str, chunk:int=8 << 20) -> int:
     dst.flush(); os.fsync(dst.fileno())
     return n
 
+# %% ../nbs/08_remote.ipynb #55e5fd9d
 def _file_ok(p:Path, e:dict, checksum:bool) -> bool:
     "Whether local file `p` matches manifest entry `e`: its size, and its CRC-32 if `checksum`"
     try:
@@ -173,96 +176,107 @@ class ShardCache:
         except FileNotFoundError: pass
         return None
 
-    def fetch(self,
-              e:dict,  # Manifest file entry: `{'file', 'bytes', 'crc32'}`
-              download,  # `download(e, f)` writes the verified bytes of `e` into open binary file `f` (and fsyncs it)
-              demand:bool=True,  # A read needs it now: evict whatever it takes, wait for room if others hold it
-              protect=()) -> Path:  # Names a non-demand fetch must not evict
-        "Path of file `e` in the cache, downloaded if missing; None if a non-`demand` fetch finds no room"
-        if (p := self.get(e)) is not None: return p
-        (self.path/'.locks').mkdir(parents=True, exist_ok=True)
-        with _flock(self._stripe(e['file'])):
-            if (p := self.get(e)) is not None: return p    # fetched meanwhile by another thread or process
-            p, tmp = self.path/e['file'], self.path/(e['file'] + '.part')
-            if not self._reserve(e, tmp, demand, set(protect)): return None
-            try:
-                with open(os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), 'r+b') as f: download(e, f)
-                with _flock(self.path/'.lock'): os.replace(tmp, p)   # so that a scan, under the lock, sees it exactly once
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            self._count(downloads=1, bytes=e['bytes'])
-            return p
+# %% ../nbs/08_remote.ipynb #fbfd6327
+@patch
+def _scan(self:ShardCache, own:str=None) -> tuple:
+    "`(files, parts)`: complete files as `(mtime, name, size)` and in-progress downloads as `(name, size)`; stale parts removed. `own`: the file whose stripe we hold"
+    files, parts = [], []
+    for d in os.scandir(self.path):
+        try:
+            if d.name.startswith('.') or not d.is_file(follow_symlinks=False): continue
+            st = d.stat(follow_symlinks=False)
+        except FileNotFoundError: continue
+        if not d.name.endswith('.part'): files.append((st.st_mtime, d.name, st.st_size)); continue
+        stripe = self._stripe(d.name[:-5])
+        if own is not None and stripe == self._stripe(own): live = False   # we hold that stripe: nobody else can be downloading it
+        else:
+            with _flock(stripe, block=False) as free: live = not free
+        if live: parts.append((d.name, st.st_size))
+        else: Path(d.path).unlink(missing_ok=True)      # left by a killed download
+    return files, parts
 
-    def _scan(self, own:str=None) -> tuple:
-        "`(files, parts)`: complete files as `(mtime, name, size)` and in-progress downloads as `(name, size)`; stale parts removed. `own`: the file whose stripe we hold"
-        files, parts = [], []
-        for d in os.scandir(self.path):
-            try:
-                if d.name.startswith('.') or not d.is_file(follow_symlinks=False): continue
-                st = d.stat(follow_symlinks=False)
-            except FileNotFoundError: continue
-            if not d.name.endswith('.part'): files.append((st.st_mtime, d.name, st.st_size)); continue
-            stripe = self._stripe(d.name[:-5])
-            if own is not None and stripe == self._stripe(own): live = False   # we hold that stripe: nobody else can be downloading it
-            else:
-                with _flock(stripe, block=False) as free: live = not free
-            if live: parts.append((d.name, st.st_size))
-            else: Path(d.path).unlink(missing_ok=True)      # left by a killed download
-        return files, parts
-
-    def _reserve(self, e:dict, tmp:Path, demand:bool, protect:set) -> bool:
-        "Make room for file `e` and create `tmp` at its full size; False if a non-demand fetch cannot"
-        need = e['bytes']
-        while True:
-            with _flock(self.path/'.lock'):
-                files, parts = self._scan(e['file'])
-                used = sum(f[2] for f in files) + sum(p[1] for p in parts)
-                if self.limit is not None and used + need > self.limit:
-                    cutoff = time.time() - self.recent
-                    for mtime, name, size in sorted(files):
-                        if used + need <= self.limit: break
-                        if not demand and (name in protect or mtime > cutoff): continue
-                        (self.path/name).unlink(missing_ok=True)
-                        used -= size
-                        self._count(evictions=1)
-                if self.limit is None or used + need <= self.limit or (demand and used == 0):
-                    tmp.unlink(missing_ok=True)   # a new file, never through a symlink planted at its name
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                    try: os.ftruncate(fd, need)     # counted at its full size from now on
-                    finally: os.close(fd)
-                    return True
-            if not demand: return False
-            self._count(waits=1)
-            time.sleep(0.02)   # the rest of the budget is held by downloads in progress: wait for one to finish
-
-    def usage(self) -> int:
-        "Bytes the cache's files take now (complete files and downloads in progress)"
-        n = 0
-        if not self.path.is_dir(): return 0
-        for d in os.scandir(self.path):
-            try:
-                if not d.name.startswith('.') and d.is_file(follow_symlinks=False): n += d.stat(follow_symlinks=False).st_size
-            except FileNotFoundError: pass
-        return n
-
-    def clear(self):
-        "Delete every complete file of the cache (maps of them stay valid)"
-        if not self.path.is_dir(): return
+# %% ../nbs/08_remote.ipynb #fc8daeac
+@patch
+def _reserve(self:ShardCache, e:dict, tmp:Path, demand:bool, protect:set) -> bool:
+    "Make room for file `e` and create `tmp` at its full size; False if a non-demand fetch cannot"
+    need = e['bytes']
+    while True:
         with _flock(self.path/'.lock'):
-            for mtime, name, size in self._scan()[0]: (self.path/name).unlink(missing_ok=True)   # downloads in progress stay
+            files, parts = self._scan(e['file'])
+            used = sum(f[2] for f in files) + sum(p[1] for p in parts)
+            if self.limit is not None and used + need > self.limit:
+                cutoff = time.time() - self.recent
+                for mtime, name, size in sorted(files):
+                    if used + need <= self.limit: break
+                    if not demand and (name in protect or mtime > cutoff): continue
+                    (self.path/name).unlink(missing_ok=True)
+                    used -= size
+                    self._count(evictions=1)
+            if self.limit is None or used + need <= self.limit or (demand and used == 0):
+                tmp.unlink(missing_ok=True)   # a new file, never through a symlink planted at its name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                try: os.ftruncate(fd, need)     # counted at its full size from now on
+                finally: os.close(fd)
+                return True
+        if not demand: return False
+        self._count(waits=1)
+        time.sleep(0.02)   # the rest of the budget is held by downloads in progress: wait for one to finish
 
-    def drop(self, e:dict):
-        "Delete the cache's copy of file `e` (found damaged), so that the next fetch downloads it again"
-        with _flock(self._stripe(e['file'])), _flock(self.path/'.lock'): (self.path/e['file']).unlink(missing_ok=True)
+# %% ../nbs/08_remote.ipynb #0185b5c3
+@patch
+def fetch(self:ShardCache,
+          e:dict,  # Manifest file entry: `{'file', 'bytes', 'crc32'}`
+          download,  # `download(e, f)` writes the verified bytes of `e` into open binary file `f` (and fsyncs it)
+          demand:bool=True,  # A read needs it now: evict whatever it takes, wait for room if others hold it
+          protect=()) -> Path:  # Names a non-demand fetch must not evict
+    "Path of file `e` in the cache, downloaded if missing; None if a non-`demand` fetch finds no room"
+    if (p := self.get(e)) is not None: return p
+    (self.path/'.locks').mkdir(parents=True, exist_ok=True)
+    with _flock(self._stripe(e['file'])):
+        if (p := self.get(e)) is not None: return p    # fetched meanwhile by another thread or process
+        p, tmp = self.path/e['file'], self.path/(e['file'] + '.part')
+        if not self._reserve(e, tmp, demand, set(protect)): return None
+        try:
+            with open(os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), 'r+b') as f: download(e, f)
+            with _flock(self.path/'.lock'): os.replace(tmp, p)   # so that a scan, under the lock, sees it exactly once
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._count(downloads=1, bytes=e['bytes'])
+        return p
 
-# %% ../nbs/08_remote.ipynb #54e22d76
+# %% ../nbs/08_remote.ipynb #19acb18a
+@patch
+def usage(self:ShardCache) -> int:
+    "Bytes the cache's files take now (complete files and downloads in progress)"
+    n = 0
+    if not self.path.is_dir(): return 0
+    for d in os.scandir(self.path):
+        try:
+            if not d.name.startswith('.') and d.is_file(follow_symlinks=False): n += d.stat(follow_symlinks=False).st_size
+        except FileNotFoundError: pass
+    return n
+
+@patch
+def clear(self:ShardCache):
+    "Delete every complete file of the cache (maps of them stay valid)"
+    if not self.path.is_dir(): return
+    with _flock(self.path/'.lock'):
+        for mtime, name, size in self._scan()[0]: (self.path/name).unlink(missing_ok=True)   # downloads in progress stay
+
+@patch
+def drop(self:ShardCache, e:dict):
+    "Delete the cache's copy of file `e` (found damaged), so that the next fetch downloads it again"
+    with _flock(self._stripe(e['file'])), _flock(self.path/'.lock'): (self.path/e['file']).unlink(missing_ok=True)
+
+# %% ../nbs/08_remote.ipynb #07f03f1f
 class _URL(str):
     "A store's URL in the place of a local store's `path` (messages, `repr`, `to_dask` names)"
     @property
     def name(self) -> str: return self.rstrip('/').rsplit('/', 1)[-1]
     def __truediv__(self, other): return _URL(f"{self.rstrip('/')}/{other}")
 
+# %% ../nbs/08_remote.ipynb #54e22d76
 def _read_manifest_at(fs, root:str, where:str) -> dict:
     "Read and validate the manifest of the store at `root` of `fs` (`where` names it in errors)"
     try: raw = fs.cat_file(f'{root}/{MANIFEST}')
@@ -270,6 +284,7 @@ def _read_manifest_at(fs, root:str, where:str) -> dict:
         raise StoreNotFoundError(f"no fastai_memmap store at {where} (no {MANIFEST}): create one with write_memmap") from None
     return validate_manifest(parse_json(raw, f'{where}/{MANIFEST}'), f'{where}/{MANIFEST}')
 
+# %% ../nbs/08_remote.ipynb #a61153fd
 class _Proc:
     "What a `RemoteStore` holds in one process: file system, cache, the held file, the prefetch thread"
     def __init__(self, store, fs=None, root=None):
@@ -306,49 +321,53 @@ class _Proc:
             self.local.fd = None
             os.close(fd)
 
-    # --- prefetch
-    def set_plan(self, shards:list):
-        "Start prefetching for a new reading order (one thread per shard ahead, at most 4)"
+# %% ../nbs/08_remote.ipynb #4f910ab7
+@patch
+def set_plan(self:_Proc, shards:list):
+    "Start prefetching for a new reading order (one thread per shard ahead, at most 4)"
+    with self.cond:
+        self.plan, self.cur, self.gen, self.done = [int(k) for k in shards], 0, self.gen + 1, set()
+        self.pos = {}
+        for i, k in enumerate(self.plan): self.pos.setdefault(k, i)
+        self.cond.notify_all()
+    self.threads = [t for t in self.threads if t.is_alive()]
+    while len(self.threads) < min(self.n, 4):
+        self.threads.append(threading.Thread(target=self._run, name='fastai_memmap-prefetch', daemon=True))
+        self.threads[-1].start()
+
+@patch
+def advance(self:_Proc, k:int):
+    "The reader has reached shard `k`"
+    i = self.pos.get(k)
+    if i is not None and i > self.cur:
         with self.cond:
-            self.plan, self.cur, self.gen, self.done = [int(k) for k in shards], 0, self.gen + 1, set()
-            self.pos = {}
-            for i, k in enumerate(self.plan): self.pos.setdefault(k, i)
+            self.cur = max(self.cur, i)
             self.cond.notify_all()
-        self.threads = [t for t in self.threads if t.is_alive()]
-        while len(self.threads) < min(self.n, 4):
-            self.threads.append(threading.Thread(target=self._run, name='fastai_memmap-prefetch', daemon=True))
-            self.threads[-1].start()
 
-    def advance(self, k:int):
-        "The reader has reached shard `k`"
-        i = self.pos.get(k)
-        if i is not None and i > self.cur:
-            with self.cond:
-                self.cur = max(self.cur, i)
-                self.cond.notify_all()
+@patch
+def _files(self:_Proc, k:int) -> list: return [self.shards[k][kind] for kind in ('data', 'index') if kind in self.shards[k]]
 
-    def _files(self, k:int) -> list: return [self.shards[k][kind] for kind in ('data', 'index') if kind in self.shards[k]]
-
-    def _run(self):
-        "A prefetch thread: fetch the first file of the window that is neither done nor being fetched"
-        while True:
-            with self.cond:
-                if self.owner() is None or os.getpid() != self.pid: return
-                window = self.plan[max(0, self.cur - 1):self.cur + 1 + self.n]
-                protect = {e['file'] for k in window for e in self._files(k)}
-                todo = [e for k in self.plan[self.cur:self.cur + 1 + self.n] for e in self._files(k)
-                        if e['file'] not in self.done and e['file'] not in self.inflight]
-                if not todo:
-                    self.cond.wait(timeout=5)
-                    continue
-                e, gen = todo[0], self.gen
-                self.inflight.add(e['file'])
-            try: got = self.cache.fetch(e, self.download, demand=False, protect=protect)
-            except Exception: got = True    # the read that needs it will fetch it again and raise the error there
-            with self.cond:
-                self.inflight.discard(e['file'])
-                if got is None: self.cond.wait(timeout=0.2)   # no room: wait for the reader to move on
-                elif self.gen == gen: self.done.add(e['file'])
+@patch
+def _run(self:_Proc):
+    "A prefetch thread: fetch the first file of the window that is neither done nor being fetched"
+    while True:
+        with self.cond:
+            if self.owner() is None or os.getpid() != self.pid: return
+            window = self.plan[max(0, self.cur - 1):self.cur + 1 + self.n]
+            protect = {e['file'] for k in window for e in self._files(k)}
+            todo = [e for k in self.plan[self.cur:self.cur + 1 + self.n] for e in self._files(k)
+                    if e['file'] not in self.done and e['file'] not in self.inflight]
+            if not todo:
+                self.cond.wait(timeout=5)
+                continue
+            e, gen = todo[0], self.gen
+            self.inflight.add(e['file'])
+        try: got = self.cache.fetch(e, self.download, demand=False, protect=protect)
+        except Exception: got = True    # the read that needs it will fetch it again and raise the error there
+        with self.cond:
+            self.inflight.discard(e['file'])
+            if got is None: self.cond.wait(timeout=0.2)   # no room: wait for the reader to move on
+            elif self.gen == gen: self.done.add(e['file'])
 
 # %% ../nbs/08_remote.ipynb #167d8e8e
 _PROC_FD = os.path.isdir('/proc/self/fd')
@@ -397,103 +416,116 @@ class RemoteStore(MemmapStore):
         self._ps = None
         self._set_manifest(validate_manifest(d['manifest'], f"{d['url']}/{MANIFEST}"))
 
-    # --- files
-    def _file(self, e:dict):
-        "A local path to file `e`: fetched into the cache (verified) if needed, and held open until it is mapped"
-        ps = self._proc()
-        ps.release()
-        for _ in range(10):
-            p = ps.cache.fetch(e, ps.download)
-            try: fd = os.open(p, os.O_RDONLY)
-            except FileNotFoundError: continue    # evicted between the fetch and the open: fetch it again
-            ps.hold(fd)
-            ps.inodes[e['file']] = os.fstat(fd).st_ino
-            return Path(f'/proc/self/fd/{fd}') if _PROC_FD else p
-        raise CorruptStoreError(f"{self.url}: {e['file']} was evicted from the cache ({ps.cache.path}) ten times before it "
-                                f"could be opened: cache_limit={self.cache_limit} is too small for the readers sharing it.")
+# %% ../nbs/08_remote.ipynb #a6e273db
+@patch
+def _file(self:RemoteStore, e:dict):
+    "A local path to file `e`: fetched into the cache (verified) if needed, and held open until it is mapped"
+    ps = self._proc()
+    ps.release()
+    for _ in range(10):
+        p = ps.cache.fetch(e, ps.download)
+        try: fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError: continue    # evicted between the fetch and the open: fetch it again
+        ps.hold(fd)
+        ps.inodes[e['file']] = os.fstat(fd).st_ino
+        return Path(f'/proc/self/fd/{fd}') if _PROC_FD else p
+    raise CorruptStoreError(f"{self.url}: {e['file']} was evicted from the cache ({ps.cache.path}) ten times before it "
+                            f"could be opened: cache_limit={self.cache_limit} is too small for the readers sharing it.")
 
-    def _check_files(self):
-        for e in manifest_files(self.manifest): self._file(e)
-        self._proc().release()
+@patch
+def _check_files(self:RemoteStore):
+    for e in manifest_files(self.manifest): self._file(e)
+    self._proc().release()
 
-    def _open(self, k:int, kind:str='data'):
-        ps = self._proc()
-        if kind == 'data' and ps.pos: ps.advance(k)
-        hit = (k, kind) in self._fresh()
-        downloads = ps.cache.stats['downloads']
-        e = self.manifest['shards'][k][kind]
-        name, cached = e['file'], hit or (ps.cache.path/e['file']).exists()
-        try: a = super()._open(k, kind)
-        except CorruptStoreError:
-            if not cached: raise   # a fresh download failed its checks: the remote file is damaged
-            ps.release(); ps.cache.drop(e)   # the cached copy is damaged, not (as far as we know) the store: fetch it again
-            try: a = super()._open(k, kind)
-            finally: ps.release()
+# %% ../nbs/08_remote.ipynb #550e9ddc
+@patch
+def _open(self:RemoteStore, k:int, kind:str='data'):
+    ps = self._proc()
+    if kind == 'data' and ps.pos: ps.advance(k)
+    hit = (k, kind) in self._fresh()
+    downloads = ps.cache.stats['downloads']
+    e = self.manifest['shards'][k][kind]
+    name, cached = e['file'], hit or (ps.cache.path/e['file']).exists()
+    try: a = super(RemoteStore, self)._open(k, kind)
+    except CorruptStoreError:
+        if not cached: raise   # a fresh download failed its checks: the remote file is damaged
+        ps.release(); ps.cache.drop(e)   # the cached copy is damaged, not (as far as we know) the store: fetch it again
+        try: a = super(RemoteStore, self)._open(k, kind)
         finally: ps.release()
-        now = time.monotonic()
-        if not hit or now - ps.touched.get(name, 0) > 1:   # keep what is being read recently used, for every process's LRU
-            if hit:
-                try: os.utime(ps.cache.path/name)
-                except FileNotFoundError: pass
-            ps.touched[name] = now
-        if ps.cache.stats['downloads'] != downloads: self._drop_evicted(ps, (k, kind))
-        return a
+    finally: ps.release()
+    now = time.monotonic()
+    if not hit or now - ps.touched.get(name, 0) > 1:   # keep what is being read recently used, for every process's LRU
+        if hit:
+            try: os.utime(ps.cache.path/name)
+            except FileNotFoundError: pass
+        ps.touched[name] = now
+    if ps.cache.stats['downloads'] != downloads: self._drop_evicted(ps, (k, kind))
+    return a
 
-    def _drop_evicted(self, ps:_Proc, keep):
-        "Forget this process's maps of files that were evicted (their disk space is freed once nothing maps them)"
-        maps = self._fresh()
-        for key in [key for key in maps.keys() if key != keep]:
-            name = self.manifest['shards'][key[0]][key[1]]['file']
-            try: gone = os.stat(ps.cache.path/name).st_ino != ps.inodes.get(name)
-            except FileNotFoundError: gone = True
-            if gone: maps.pop(key)
+@patch
+def _drop_evicted(self:RemoteStore, ps:_Proc, keep):
+    "Forget this process's maps of files that were evicted (their disk space is freed once nothing maps them)"
+    maps = self._fresh()
+    for key in [key for key in maps.keys() if key != keep]:
+        name = self.manifest['shards'][key[0]][key[1]]['file']
+        try: gone = os.stat(ps.cache.path/name).st_ino != ps.inodes.get(name)
+        except FileNotFoundError: gone = True
+        if gone: maps.pop(key)
 
-    def verify(self, progress:bool=True) -> 'RemoteStore':
-        "Download every file (each is checked as it arrives) and check it as `MemmapStore.verify` does"
-        try: return super().verify(progress)
-        finally: self._proc().release()
+# %% ../nbs/08_remote.ipynb #5cbb37d0
+@patch
+def verify(self:RemoteStore, progress:bool=True) -> 'RemoteStore':
+    "Download every file (each is checked as it arrives) and check it as `MemmapStore.verify` does"
+    try: return super(RemoteStore, self).verify(progress)
+    finally: self._proc().release()
 
-    def _verify_file(self, k:int, kind:str):
-        "Check one file; a cached copy that fails is dropped and downloaded again: only a damaged fresh copy blames the store"
-        ps = self._proc()
-        try: return super()._verify_file(k, kind)
-        except CorruptStoreError: pass
-        finally: ps.release()
-        self._fresh().pop((k, kind))
-        ps.cache.drop(self.manifest['shards'][k][kind])
-        try: return super()._verify_file(k, kind)
-        finally: ps.release()
+@patch
+def _verify_file(self:RemoteStore, k:int, kind:str):
+    "Check one file; a cached copy that fails is dropped and downloaded again: only a damaged fresh copy blames the store"
+    ps = self._proc()
+    try: return super(RemoteStore, self)._verify_file(k, kind)
+    except CorruptStoreError: pass
+    finally: ps.release()
+    self._fresh().pop((k, kind))
+    ps.cache.drop(self.manifest['shards'][k][kind])
+    try: return super(RemoteStore, self)._verify_file(k, kind)
+    finally: ps.release()
 
-    # --- the cache
-    def prefetch(self, shards):
-        "Download shards `shards` (shard numbers, in the order they will be read) ahead of the reader, in a background thread"
-        if self.n_prefetch: self._proc().set_plan(list(shards))
+# %% ../nbs/08_remote.ipynb #f83b3bed
+@patch
+def prefetch(self:RemoteStore, shards):
+    "Download shards `shards` (shard numbers, in the order they will be read) ahead of the reader, in a background thread"
+    if self.n_prefetch: self._proc().set_plan(list(shards))
 
-    @property
-    def stats(self) -> dict:
-        "This process's cache counters: downloads, bytes downloaded, hits, evictions, waits for room"
-        return dict(self._proc().cache.stats)
+@patch(as_prop=True)
+def stats(self:RemoteStore) -> dict:
+    "This process's cache counters: downloads, bytes downloaded, hits, evictions, waits for room"
+    return dict(self._proc().cache.stats)
 
-    @property
-    def cache_bytes(self) -> int:
-        "Bytes this store's cache directory holds now"
-        return self._proc().cache.usage()
+@patch(as_prop=True)
+def cache_bytes(self:RemoteStore) -> int:
+    "Bytes this store's cache directory holds now"
+    return self._proc().cache.usage()
 
-    def clear_cache(self):
-        "Delete this store's cached files (maps of them stay valid)"
-        self._proc().cache.clear()
+@patch
+def clear_cache(self:RemoteStore):
+    "Delete this store's cached files (maps of them stay valid)"
+    self._proc().cache.clear()
 
-    def close(self):
-        "Drop every mapping this process holds and stop its prefetching"
-        super().close()
-        if self._ps is not None and self._ps.pid == os.getpid():
-            self._ps.release()
-            with self._ps.cond: self._ps.plan, self._ps.pos = [], {}
+@patch
+def close(self:RemoteStore):
+    "Drop every mapping this process holds and stop its prefetching"
+    super(RemoteStore, self).close()
+    if self._ps is not None and self._ps.pid == os.getpid():
+        self._ps.release()
+        with self._ps.cond: self._ps.plan, self._ps.pos = [], {}
 
-    def __repr__(self):
-        lim = 'no limit' if self.cache_limit is None else f'limit {self.cache_limit:,} B'
-        return super().__repr__().replace('MemmapStore(', 'RemoteStore(', 1) + f"; cache: {self.cache_path} ({lim})"
+@patch
+def __repr__(self:RemoteStore):
+    lim = 'no limit' if self.cache_limit is None else f'limit {self.cache_limit:,} B'
+    return super(RemoteStore, self).__repr__().replace('MemmapStore(', 'RemoteStore(', 1) + f"; cache: {self.cache_path} ({lim})"
 
+# %% ../nbs/08_remote.ipynb #75262272
 register_remote(RemoteStore)
 
 # %% ../nbs/08_remote.ipynb #882e39f2
@@ -508,6 +540,7 @@ def _try_manifest(fs, root, url):
     try: return _read_manifest_at(fs, root, url)
     except StoreNotFoundError: return None
 
+# %% ../nbs/08_remote.ipynb #939f369f
 def _placeholders(path:Path, m:dict):
     "A local stand-in for the committed store `m`: its manifest, and empty sparse files of its files' sizes"
     path.mkdir()
@@ -515,6 +548,24 @@ def _placeholders(path:Path, m:dict):
         with open(path/e['file'], 'wb') as f: f.truncate(e['bytes'])
     write_manifest(path, m)
 
+# %% ../nbs/08_remote.ipynb #d92e3d0e
+def _commit_remote(fs, root:str, url:str, local:Path, new:dict, added:list, old):
+    "Upload the files `added` from `local`, check their sizes and that nobody committed since `old`, then upload manifest `new` (the commit); on any error remove what was uploaded"
+    try:
+        if added: fs.put([str(local/e['file']) for e in added], [f'{root}/{e["file"]}' for e in added])
+        sizes = _listing(fs, root)
+        if bad := [e['file'] for e in added if sizes.get(e['file']) != e['bytes']]:
+            raise CorruptStoreError(f"{url}: the upload of {bad[:3]} did not complete (wrong size at the remote); nothing was committed")
+        if _try_manifest(fs, root, url) != old:
+            raise StoreLockedError(f"another writer committed to {url} while this write was uploading; nothing was committed. "
+                                   f"Object stores have no lock: run one writer at a time.")
+        fs.pipe_file(f'{root}/{MANIFEST}', json.dumps(new, indent=1).encode())   # the commit
+    except BaseException:
+        try: fs.rm([f'{root}/{e["file"]}' for e in added])
+        except Exception: pass
+        raise
+
+# %% ../nbs/08_remote.ipynb #a4b7030c
 def write_remote(
     url:str,  # The store's URL: `s3://bucket/train.fmm`, ...
     data,  # Items, as for `write_memmap`
@@ -549,19 +600,7 @@ def write_remote(
         new, skipped = {k: v for k, v in built.manifest.items() if k != 'retired'}, getattr(built, 'skipped', [])
         built.close()
         added = [e for e in manifest_files(new) if e['file'] not in keep]
-        try:
-            if added: fs.put([str(local/e['file']) for e in added], [f'{root}/{e["file"]}' for e in added])
-            sizes = _listing(fs, root)
-            if bad := [e['file'] for e in added if sizes.get(e['file']) != e['bytes']]:
-                raise CorruptStoreError(f"{url}: the upload of {bad[:3]} did not complete (wrong size at the remote); nothing was committed")
-            if _try_manifest(fs, root, url) != old:
-                raise StoreLockedError(f"another writer committed to {url} while this write was uploading; nothing was committed. "
-                                       f"Object stores have no lock: run one writer at a time.")
-            fs.pipe_file(f'{root}/{MANIFEST}', json.dumps(new, indent=1).encode())   # the commit
-        except BaseException:
-            try: fs.rm([f'{root}/{e["file"]}' for e in added])
-            except Exception: pass
-            raise
+        _commit_remote(fs, root, url, local, new, added, old)
     if mode == 'w' and old is not None:    # the replaced store's files
         if gone := sorted(keep - {e['file'] for e in manifest_files(new)}): fs.rm([f'{root}/{n}' for n in gone])
     res = RemoteStore(url, cache_dir=cache_dir, cache_limit=cache_limit, storage_options=storage_options)
@@ -592,6 +631,37 @@ def _write_checked(dst:Path, names):
     try: write_new(dst/_CHECKED, json.dumps({n: _stat_key(dst/n) for n in sorted(names)}).encode())
     except OSError: pass   # only a shortcut for the next staging
 
+# %% ../nbs/08_remote.ipynb #7c795b7f
+def _fetch(fs, root:str, where:str, dst:Path, e:dict) -> dict:
+    "Copy file `e` of the store at `root` of `fs` (`where` names it in errors) into `dst`, verified, through a new `.part` file"
+    tmp = dst/(e['file'] + '.part')
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with fs.open(f'{root}/{e["file"]}', 'rb') as f, open(fd, 'wb') as g: _copy_verified(f, g, e, where)
+        os.replace(tmp, dst/e['file'])
+    except FileNotFoundError:
+        tmp.unlink(missing_ok=True)
+        raise CorruptStoreError(f"{where}: the shard file {e['file']} named by the manifest is missing; restore it") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+    return e
+
+# %% ../nbs/08_remote.ipynb #476840aa
+def _fetch_all(fs, root:str, where:str, dst:Path, todo:list, workers:int, progress:bool):
+    "Copy the files `todo` into `dst` in `workers` threads (an error stops them all), then fsync the directory"
+    if not todo: return
+    from fastprogress.fastprogress import progress_bar
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        futs = [ex.submit(_fetch, fs, root, where, dst, e) for e in todo]
+        try:
+            for f in (progress_bar(as_completed(futs), total=len(futs), leave=False) if progress and len(futs) > 1 else as_completed(futs)):
+                f.result()
+        except BaseException:
+            for f in futs: f.cancel()
+            raise
+    fsync_dir(dst)
+
+# %% ../nbs/08_remote.ipynb #5370af4c
 def stage(
     src,  # The store to copy: a local directory or a URL
     dst,  # The local directory to copy it to (created if needed)
@@ -627,29 +697,7 @@ def stage(
         for p in dst.glob('*.part'): p.unlink()
         checked = _read_checked(dst) if cur == m else {}
         todo = [e for e in manifest_files(m) if not (_unchanged(dst/e['file'], checked.get(e['file'])) or _file_ok(dst/e['file'], e, verify))]
-        def copy(e):
-            tmp = dst/(e['file'] + '.part')
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                with fs.open(f'{root}/{e["file"]}', 'rb') as f, open(fd, 'wb') as g: _copy_verified(f, g, e, where)
-                os.replace(tmp, dst/e['file'])
-            except FileNotFoundError:
-                tmp.unlink(missing_ok=True)
-                raise CorruptStoreError(f"{where}: the shard file {e['file']} named by the manifest is missing; restore it") from None
-            except BaseException:
-                tmp.unlink(missing_ok=True); raise
-            return e
-        if todo:
-            from fastprogress.fastprogress import progress_bar
-            with ThreadPoolExecutor(max(1, workers)) as ex:
-                futs = [ex.submit(copy, e) for e in todo]
-                try:
-                    for f in (progress_bar(as_completed(futs), total=len(futs), leave=False) if progress and len(futs) > 1 else as_completed(futs)):
-                        f.result()
-                except BaseException:
-                    for f in futs: f.cancel()
-                    raise
-            fsync_dir(dst)
+        _fetch_all(fs, root, where, dst, todo, workers, progress)
         if cur != m: write_manifest(dst, m)   # the commit: the copy is complete (from here on, nothing deletes a file it names)
         for p in dst.iterdir():   # files of an earlier, different copy (best effort: never fails a committed copy)
             if _NAME_RE.match(p.name) and p.name not in names:

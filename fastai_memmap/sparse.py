@@ -26,16 +26,16 @@ from .data import MemmapItem, MemmapItemList, TensorMemmap, MemmapReader, Memmap
 from .show import show_array
 from .patches import mark_sparse
 
-# %% ../nbs/11_sparse.ipynb #e0c4ab25
-__all__ = ['SPARSE_MANIFEST', 'write_sparse', 'SparseStore', 'sparse_items', 'TensorSparseItems', 'SparseReader',
-           'SparseBatch', 'SparseBlock']
-
 # %% ../nbs/11_sparse.ipynb #62667a93
 SPARSE_MANIFEST = 'sparse.json'
+
 _FORMAT, _VERSION = 'fastai_memmap.sparse', 1
+
 _SUB_RE = re.compile(r'^(indices|values)-[0-9a-f]{1,32}$')
+
 _KEYS = {'format', 'version', 'item_shape', 'dtype', 'index_dtype', 'length', 'nnz', 'indices', 'values'}
 
+# %% ../nbs/11_sparse.ipynb #2f7e04b5
 def _bad(path, msg): return CorruptStoreError(f"{path}: {msg}. The sparse store is damaged; rewrite it.")
 
 def _validate(m, path) -> dict:
@@ -60,6 +60,7 @@ def _validate(m, path) -> dict:
             raise _bad(path, f"its {k} entry {v!r} is not a sub-store name")
     return m
 
+# %% ../nbs/11_sparse.ipynb #e1346367
 def _read_info(path:Path) -> dict:
     "Read and validate the `sparse.json` of the sparse store at `path`"
     f = path/SPARSE_MANIFEST
@@ -93,6 +94,7 @@ def _item_shape(dim, D=None) -> tuple:
         raise IncompatibleDataError(f"dim={dim!r} ({int(np.prod(shp, dtype=np.int64))} positions) does not match the data's {D} columns")
     return shp
 
+# %% ../nbs/11_sparse.ipynb #07f346be
 def _canon(idx, vals, item_shape, D, i):
     "Item `i` as flat positions (int64, sorted, distinct, in `0..D-1`) and values (or None)"
     idx = np.asarray(idx)
@@ -156,6 +158,7 @@ def _list_rows(first, it, item_shape, D, pairs):
                                         f"give all items in one form")
         yield _canon(*(r if pairs else (r, None)), item_shape, D, i)
 
+# %% ../nbs/11_sparse.ipynb #13c85042
 def _source(X, dim):
     "`(item_shape, number of items or None, whether items have values, canonical rows)` for any input of `write_sparse`"
     if sp.issparse(X):
@@ -198,6 +201,7 @@ def _prepare(path:Path, mode:str) -> bool:
         raise StoreExistsError(f"{path} exists and is not a sparse store (it holds {foreign[:3]}); choose another path or empty it")
     return False
 
+# %% ../nbs/11_sparse.ipynb #ec549811
 _OWN_SUB_RE = re.compile(r'^(indices|values)-[0-9a-f]{12}$')   # the sub-stores write_sparse makes (never a name of yours)
 
 def _cleanup(path:Path, keep=()) -> list:
@@ -209,11 +213,41 @@ def _cleanup(path:Path, keep=()) -> list:
         except OSError as e: failed.append(f"{f.name} ({e.strerror})")
     return failed
 
+# %% ../nbs/11_sparse.ipynb #d24fe12b
 def _check_meta_len(meta, n):
     if meta is None or n is None or not hasattr(meta, 'items'): return
     for c, v in meta.items():
         if hasattr(v, '__len__') and len(v) != n:
             raise MetadataError(f"metadata column {c!r} has {len(v)} values but X has {n} items; give one value per item")
+
+# %% ../nbs/11_sparse.ipynb #9f6a7b5e
+def _write_subs(path:Path, token:str, rows, n, keep:bool, idt:np.dtype, vdt, dtype, meta, shard_size:int, progress:bool, ws:list) -> tuple:
+    "Write canonical `rows` to the sub-stores `indices-<token>` and (if `keep`) `values-<token>` and commit both; return `(values dtype, nnz, number of items)`. Each writer goes to `ws` as it opens (to be aborted on an error)"
+    elems = max(1, shard_size // max(idt.itemsize, 8 if vdt is None else vdt.itemsize))   # same items per shard in both
+    wi = MemmapWriter(path/f'indices-{token}', 'x', dtype=idt, ragged=True, meta=meta, shard_size=elems * idt.itemsize)
+    ws.append(wi)
+    wv, nnz, pending, count = None, 0, 0, 0
+    for idx, v in (progress_bar(rows, total=n, leave=False) if progress and n and n > 1000 else rows):
+        wi.add(idx.astype(idt, copy=False))
+        nnz, count = nnz + len(idx), count + 1
+        if not keep: continue
+        if vdt is None:   # the first item with values fixes the dtype; empty items before it wait
+            if not len(v): pending += 1; continue
+            vdt = check_dtype(v.dtype)
+        if wv is None:
+            wv = MemmapWriter(path/f'values-{token}', 'x', dtype=dtype, ragged=True, shard_size=elems * vdt.itemsize)
+            ws.append(wv)
+            for _ in range(pending): wv.add(np.zeros(0, vdt))
+        wv.add(v if len(v) else v.astype(vdt))
+    if count == 0: raise IncompatibleDataError("no items: a sparse store needs at least one item")
+    if keep and wv is None:   # every item is empty
+        vdt = np.dtype(np.float32) if vdt is None else vdt
+        wv = MemmapWriter(path/f'values-{token}', 'x', dtype=vdt, ragged=True)
+        ws.append(wv)
+        for _ in range(pending): wv.add(np.zeros(0, vdt))
+    wi.commit()
+    if wv is not None: wv.commit()
+    return vdt, nnz, count
 
 # %% ../nbs/11_sparse.ipynb #e454df3e
 def write_sparse(
@@ -239,7 +273,7 @@ def write_sparse(
     if shard_size < 1: raise ValueError("shard_size must be a positive number of bytes")
     created = _prepare(path, mode)
     held = _Held(path)
-    token, wi, wv, committed = secrets.token_hex(6), None, None, False
+    token, ws, committed = secrets.token_hex(6), [], False
     try:
         try: old = _read_info(path) if (path/SPARSE_MANIFEST).exists() else None
         except CorruptStoreError:
@@ -247,27 +281,7 @@ def write_sparse(
             old = None
         if old is not None and mode == 'x': raise StoreExistsError(f"a sparse store already exists at {path}: use mode='w' to replace it")
         _warn_left(path, _cleanup(path, () if old is None else (old['indices'], old['values'])))
-        elems = max(1, shard_size // max(idt.itemsize, 8 if vdt is None else vdt.itemsize))   # same items per shard in both
-        wi = MemmapWriter(path/f'indices-{token}', 'x', dtype=idt, ragged=True, meta=meta, shard_size=elems * idt.itemsize)
-        nnz, pending, count = 0, 0, 0
-        for idx, v in (progress_bar(rows, total=n, leave=False) if progress and n and n > 1000 else rows):
-            wi.add(idx.astype(idt, copy=False))
-            nnz, count = nnz + len(idx), count + 1
-            if not keep: continue
-            if vdt is None:   # the first item with values fixes the dtype; empty items before it wait
-                if not len(v): pending += 1; continue
-                vdt = check_dtype(v.dtype)
-            if wv is None:
-                wv = MemmapWriter(path/f'values-{token}', 'x', dtype=dtype, ragged=True, shard_size=elems * vdt.itemsize)
-                for _ in range(pending): wv.add(np.zeros(0, vdt))
-            wv.add(v if len(v) else v.astype(vdt))
-        if count == 0: raise IncompatibleDataError("no items: a sparse store needs at least one item")
-        if keep and wv is None:   # every item is empty
-            vdt = np.dtype(np.float32) if vdt is None else vdt
-            wv = MemmapWriter(path/f'values-{token}', 'x', dtype=vdt, ragged=True)
-            for _ in range(pending): wv.add(np.zeros(0, vdt))
-        wi.commit(); wi = None
-        if wv is not None: wv.commit(); wv = None
+        vdt, nnz, count = _write_subs(path, token, rows, n, keep, idt, vdt, dtype, meta, shard_size, progress, ws)
         info = dict(format=_FORMAT, version=_VERSION, item_shape=list(item_shape),
                     dtype=(vdt if keep else check_dtype(np.float32 if dtype is None else dtype)).str, index_dtype=idt.str,
                     length=count, nnz=nnz, indices=f'indices-{token}', values=f'values-{token}' if keep else None)
@@ -279,8 +293,7 @@ def write_sparse(
         _warn_left(path, _cleanup(path, (info['indices'], info['values'])))   # the replaced sub-stores; never raises for a file
     finally:
         if not committed:
-            for w in (wi, wv):
-                if w is not None: w.abort()
+            for w in ws: w.abort()   # a committed writer's abort does nothing
             for d in (f'indices-{token}', f'values-{token}'): shutil.rmtree(path/d, ignore_errors=True)
             if created and not (path/SPARSE_MANIFEST).exists(): shutil.rmtree(path, ignore_errors=True)
         held.release()
@@ -333,65 +346,89 @@ class SparseStore:
             raise _bad(self.path, f"its values sub-store holds {len(v)} {v.dtype} items, not {len(i)} ragged 1-D {m['dtype']} items")
         if v is not None and not np.array_equal(i._starts, v._starts):
             raise _bad(self.path, "its indices and values sub-stores split the items into different shards")
-
-    @property
-    def dtype(self) -> np.dtype: return np.dtype(self.info['dtype'])
-    @property
-    def index_dtype(self) -> np.dtype: return np.dtype(self.info['index_dtype'])
-    @property
-    def dim(self) -> int: return int(np.prod(self.item_shape, dtype=np.int64))
-    @property
-    def nnz(self) -> int: return self.info['nnz']
-    @property
-    def binary(self) -> bool: return self.values is None
-    @property
-    def density(self) -> float: return self.nnz / max(1, len(self) * self.dim)
-    @property
-    def ragged(self) -> bool: return False   # items are fixed-shape dense arrays
-    @property
-    def item_ndim(self) -> int: return len(self.item_shape)
-    @property
-    def shape(self) -> tuple: return (len(self), *self.item_shape)
-    @property
-    def shapes(self) -> np.ndarray: return np.broadcast_to(np.array(self.item_shape, np.int64), (len(self), self.item_ndim))
-    @property
-    def lengths(self) -> np.ndarray:
-        "Number of non-zeros of every item"
-        return self.indices.shapes[:, 0]
-    @property
-    def _starts(self): return self.indices._starts   # item number where each shard starts (MemmapDL's shard-aware shuffle)
-    @property
-    def n_shards(self) -> int: return self.indices.n_shards
-    @property
-    def meta(self) -> pd.DataFrame: return self.indices.meta
-    @property
-    def meta_columns(self) -> list: return self.indices.meta_columns
-    def column(self, name:str) -> np.ndarray: return self.indices.column(name)
-    @property
-    def nbytes(self) -> int:
-        "Bytes on disk: both sub-stores and `sparse.json`"
-        return self.indices.nbytes + (0 if self.binary else self.values.nbytes) + (self.path/SPARSE_MANIFEST).stat().st_size
-    @property
-    def dense_nbytes(self) -> int:
-        "Bytes the items would take as dense arrays"
-        return len(self) * self.dim * self.dtype.itemsize
     def __len__(self): return self.info['length']
-
-    def advise(self, advice:str):
-        "Set the kernel's read-ahead advice of both sub-stores"
-        for s in (self.indices, self.values):
-            if s is not None: s.advise(advice)
-        return self
-    def close(self):
-        "Drop every mapping this process holds"
-        for s in (self.indices, self.values):
-            if s is not None: s.close()
 
     def __getstate__(self): return dict(path=str(self.path), info=self.info, layout=self.layout, indices=self.indices, values=self.values)
     def __setstate__(self, d):
         self.path, self.layout, self.indices, self.values = Path(d['path']), d['layout'], d['indices'], d['values']
         self.info = _validate(d['info'], self.path/SPARSE_MANIFEST)
         self.item_shape = tuple(self.info['item_shape'])
+
+# %% ../nbs/11_sparse.ipynb #08b4eb62
+@patch(as_prop=True)
+def dtype(self:SparseStore) -> np.dtype: return np.dtype(self.info['dtype'])
+
+@patch(as_prop=True)
+def index_dtype(self:SparseStore) -> np.dtype: return np.dtype(self.info['index_dtype'])
+
+@patch(as_prop=True)
+def dim(self:SparseStore) -> int: return int(np.prod(self.item_shape, dtype=np.int64))
+
+@patch(as_prop=True)
+def ragged(self:SparseStore) -> bool: return False   # items are fixed-shape dense arrays
+
+@patch(as_prop=True)
+def item_ndim(self:SparseStore) -> int: return len(self.item_shape)
+
+@patch(as_prop=True)
+def shape(self:SparseStore) -> tuple: return (len(self), *self.item_shape)
+
+@patch(as_prop=True)
+def shapes(self:SparseStore) -> np.ndarray: return np.broadcast_to(np.array(self.item_shape, np.int64), (len(self), self.item_ndim))
+
+# %% ../nbs/11_sparse.ipynb #b543e250
+@patch(as_prop=True)
+def nnz(self:SparseStore) -> int: return self.info['nnz']
+
+@patch(as_prop=True)
+def binary(self:SparseStore) -> bool: return self.values is None
+
+@patch(as_prop=True)
+def density(self:SparseStore) -> float: return self.nnz / max(1, len(self) * self.dim)
+
+@patch(as_prop=True)
+def lengths(self:SparseStore) -> np.ndarray:
+    "Number of non-zeros of every item"
+    return self.indices.shapes[:, 0]
+
+@patch(as_prop=True)
+def _starts(self:SparseStore): return self.indices._starts   # item number where each shard starts (MemmapDL's shard-aware shuffle)
+
+@patch(as_prop=True)
+def n_shards(self:SparseStore) -> int: return self.indices.n_shards
+
+@patch(as_prop=True)
+def meta(self:SparseStore) -> pd.DataFrame: return self.indices.meta
+
+@patch(as_prop=True)
+def meta_columns(self:SparseStore) -> list: return self.indices.meta_columns
+
+@patch
+def column(self:SparseStore, name:str) -> np.ndarray: return self.indices.column(name)
+
+@patch(as_prop=True)
+def nbytes(self:SparseStore) -> int:
+    "Bytes on disk: both sub-stores and `sparse.json`"
+    return self.indices.nbytes + (0 if self.binary else self.values.nbytes) + (self.path/SPARSE_MANIFEST).stat().st_size
+
+@patch(as_prop=True)
+def dense_nbytes(self:SparseStore) -> int:
+    "Bytes the items would take as dense arrays"
+    return len(self) * self.dim * self.dtype.itemsize
+
+# %% ../nbs/11_sparse.ipynb #68c37bd0
+@patch
+def advise(self:SparseStore, advice:str):
+    "Set the kernel's read-ahead advice of both sub-stores"
+    for s in (self.indices, self.values):
+        if s is not None: s.advise(advice)
+    return self
+
+@patch
+def close(self:SparseStore):
+    "Drop every mapping this process holds"
+    for s in (self.indices, self.values):
+        if s is not None: s.close()
 
 # %% ../nbs/11_sparse.ipynb #71c56092
 def _idxs(self:SparseStore, idxs) -> np.ndarray:
@@ -413,6 +450,7 @@ def take_csr(self:SparseStore, idxs) -> tuple:
     np.cumsum(ln, out=indptr[1:])
     return indptr, ind, val
 
+# %% ../nbs/11_sparse.ipynb #3ef14e3c
 @patch
 def take(self:SparseStore, idxs, out:np.ndarray=None) -> np.ndarray:
     "Items `idxs` as one dense array `(n, *item_shape)`; into `out` if given"
@@ -424,11 +462,24 @@ def take(self:SparseStore, idxs, out:np.ndarray=None) -> np.ndarray:
     return out
 
 @patch
+def __getitem__(self:SparseStore, i):
+    "Item `i` as a dense array; items `i` (a slice, ints or a bool mask) as a dense array `(n, *item_shape)`"
+    if isinstance(i, (int, np.integer)): return self.take(i)[0]
+    if isinstance(i, tuple): raise StoreIndexError("a sparse store takes one index (items); index each dense item afterwards")
+    return self.take(i)
+
+@patch
+def __iter__(self:SparseStore):
+    for i in range(len(self)): yield self[i]
+
+# %% ../nbs/11_sparse.ipynb #c690d48a
+@patch
 def to_scipy(self:SparseStore, idxs=None) -> sp.csr_matrix:
     "Items `idxs` (default: all) as a scipy CSR matrix `(n, dim)`"
     indptr, ind, val = self.take_csr(slice(None) if idxs is None else idxs)
     return sp.csr_matrix((val, ind, indptr), shape=(len(indptr) - 1, self.dim))
 
+# %% ../nbs/11_sparse.ipynb #f6637d5f
 @patch
 def read_batch(self:SparseStore, store_indices) -> torch.Tensor:
     "Items `store_indices` as a torch sparse tensor `(n, *item_shape)`, in the store's `layout`"
@@ -443,17 +494,6 @@ def read_batch(self:SparseStore, store_indices) -> torch.Tensor:
     cols = np.unravel_index(ind, self.item_shape) if self.item_ndim > 1 else (ind,)
     coords = torch.from_numpy(np.stack([rows, *(c.astype(np.int64, copy=False) for c in cols)]))
     return torch.sparse_coo_tensor(coords, val, (n, *self.item_shape), is_coalesced=True, check_invariants=False)
-
-@patch
-def __getitem__(self:SparseStore, i):
-    "Item `i` as a dense array; items `i` (a slice, ints or a bool mask) as a dense array `(n, *item_shape)`"
-    if isinstance(i, (int, np.integer)): return self.take(i)[0]
-    if isinstance(i, tuple): raise StoreIndexError("a sparse store takes one index (items); index each dense item afterwards")
-    return self.take(i)
-
-@patch
-def __iter__(self:SparseStore):
-    for i in range(len(self)): yield self[i]
 
 # %% ../nbs/11_sparse.ipynb #7be93101
 @patch
@@ -479,17 +519,21 @@ def verify(self:SparseStore, progress:bool=True) -> SparseStore:
     if nnz != self.nnz: raise _bad(self.path, f"it holds {nnz} non-zeros but sparse.json records {self.nnz}")
     return self
 
+# %% ../nbs/11_sparse.ipynb #4b6e7975
 def _summary(self:SparseStore) -> str:
     cols = ', '.join(self.meta_columns) or 'none'
     kind = 'binary ' if self.binary else ''
     return (f"{len(self):,} {kind}items of {self.dtype.name} {self.item_shape}, {self.density:.2%} non-zero "
             f"({self.nnz:,} in all); {_size(self.nbytes)} on disk ({self.nbytes / max(1, self.dense_nbytes):.1%} of dense "
             f"{_size(self.dense_nbytes)}); meta: {cols}")
+
 @patch
 def __repr__(self:SparseStore): return f"SparseStore('{self.path}'): {_summary(self)}"
+
 @patch
 def _repr_html_(self:SparseStore): return f"<p><b>SparseStore</b> <code>{self.path}</code>: {_summary(self)}</p>"
 
+# %% ../nbs/11_sparse.ipynb #86508c78
 @patch
 def show(self:SparseStore, i:int, ctx=None, title=None, **kwargs):
     "Draw item `i`, densified (see `show_array`)"
@@ -512,6 +556,7 @@ class SparseReader(MemmapReader):
     def encodes(self, o:MemmapItem): return TensorSparseItems(torch.from_numpy(np.array(o.read())))
     def encodes(self, o:np.ndarray): return TensorSparseItems(torch.from_numpy(np.array(o)))
 
+# %% ../nbs/11_sparse.ipynb #9c67e724
 class SparseBatch(Transform):
     "Densify a batch of sparse items on its device (`dense=True`), or hand it on as a torch sparse tensor in `layout`"
     order = 0

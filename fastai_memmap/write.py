@@ -20,9 +20,6 @@ from .errors import *
 from .format import *
 from .store import MemmapStore
 
-# %% ../nbs/04_write.ipynb #4dd38364
-__all__ = ['ShardWriter', 'MemmapWriter', 'register_writer', 'write_memmap', 'combine_stores', 'RETAIN']
-
 # %% ../nbs/04_write.ipynb #8a09abb2
 class _FileWriter:
     "Stream one C-order `.npy` file of `dtype`: a reserved header, the payload with a running CRC-32, then the real header"
@@ -88,6 +85,7 @@ def _as_array(x, i, dtype, casting='checked', rows=False):
         a = b
     return a
 
+# %% ../nbs/04_write.ipynb #eb9d13d2
 def _is_arraylike(d):
     return all(hasattr(d, k) for k in ('shape', 'dtype', '__getitem__', '__len__')) and not isinstance(d, (list, tuple))
 
@@ -108,6 +106,7 @@ def _check_name(name):
         raise MetadataError(f"metadata column name {name!r} has characters outside Latin-1, which the .npy header of a "
                             f"shard's metadata file cannot hold: rename the column (e.g. transliterate it).") from None
 
+# %% ../nbs/04_write.ipynb #c7ee5536
 def _meta_column(name, col) -> np.ndarray:
     "Metadata column `col` as a storable 1-D numpy array"
     _check_name(name)
@@ -132,6 +131,7 @@ def _mix(vals) -> str:
     "The kinds of Python values in `vals`, for messages"
     return ', '.join(sorted({type(v).__name__ for v in itertools.islice(vals, 10_000)}))
 
+# %% ../nbs/04_write.ipynb #90194905
 def _meta_columns(meta) -> dict:
     "Metadata (a dict of columns or a DataFrame) as a dict of checked 1-D numpy arrays"
     if meta is None: return {}
@@ -157,6 +157,7 @@ def _widens(d, dt) -> bool:
     d, dt = np.dtype(d), np.dtype(dt)
     return d == dt or (d.kind not in 'Mm' and np.can_cast(d, dt, 'safe'))
 
+# %% ../nbs/04_write.ipynb #dd592c40
 class _Part:
     "One file's (or a committed column's) values of a metadata column: its dtype, its values loaded when first asked"
     def __init__(self, dtype, load, fixed:bool): self.dtype, self._load, self.fixed, self._v = np.dtype(dtype), load, fixed, None
@@ -165,6 +166,7 @@ class _Part:
         if self._v is None: self._v = np.asarray(self._load())
         return self._v
 
+# %% ../nbs/04_write.ipynb #33860733
 def _span(parts, kind) -> str:
     vs = [v[~np.isnat(v)] if v.dtype.kind in 'Mm' else v for v in (p.values for p in parts)]
     vs = [v for v in vs if len(v)]
@@ -219,33 +221,37 @@ class ShardWriter:
             self.data.write(rows); self.n += len(rows)
         self.nbytes = self.data.n * self._isz
 
-    def close(self, meta:dict=None) -> dict:
-        "Finish the shard's files, with `meta` (columns of this shard's items), and return its manifest record"
-        rec = dict(length=self.n, data=self.data.close())
-        if self.item_shape is None:
-            idx = np.array(self.index, dtype=np.int64).reshape(self.n, 1 + self.item_ndim)
-            rec['index'] = _save(self._file('index'), idx)
-        if meta:
-            dt = np.dtype([(c, v.dtype) for c, v in meta.items()])
-            try: npy_header(dt, (10**15,))
-            except ValueError:
-                raise MetadataError(f"{len(meta)} metadata columns make a .npy header longer than the format's 65,535 bytes: "
-                                    f"store fewer columns (numeric features can be part of the items). Nothing was committed.") from None
-            arr = np.empty(self.n, dtype=dt)
-            for c, v in meta.items(): arr[c] = v
-            rec['meta'] = _save(self._file('meta'), arr)
-        return rec
-
     def _file(self, kind):
         p = self.path/shard_name(kind, self.token, self.number)
         self.files.append(p)
         return p
 
-    def abort(self):
-        "Remove this shard's files"
-        try: self.data.f.close()
-        except OSError: pass
-        for p in self.files: p.unlink(missing_ok=True)
+# %% ../nbs/04_write.ipynb #22567121
+@patch
+def close(self:ShardWriter, meta:dict=None) -> dict:
+    "Finish the shard's files, with `meta` (columns of this shard's items), and return its manifest record"
+    rec = dict(length=self.n, data=self.data.close())
+    if self.item_shape is None:
+        idx = np.array(self.index, dtype=np.int64).reshape(self.n, 1 + self.item_ndim)
+        rec['index'] = _save(self._file('index'), idx)
+    if meta:
+        dt = np.dtype([(c, v.dtype) for c, v in meta.items()])
+        try: npy_header(dt, (10**15,))
+        except ValueError:
+            raise MetadataError(f"{len(meta)} metadata columns make a .npy header longer than the format's 65,535 bytes: "
+                                f"store fewer columns (numeric features can be part of the items). Nothing was committed.") from None
+        arr = np.empty(self.n, dtype=dt)
+        for c, v in meta.items(): arr[c] = v
+        rec['meta'] = _save(self._file('meta'), arr)
+    return rec
+
+# %% ../nbs/04_write.ipynb #c3372910
+@patch
+def abort(self:ShardWriter):
+    "Remove this shard's files"
+    try: self.data.f.close()
+    except OSError: pass
+    for p in self.files: p.unlink(missing_ok=True)
 
 # %% ../nbs/04_write.ipynb #94066563
 _OWN_RE = re.compile(r'^(data|index|meta)-[0-9a-f]{12,32}-[0-9]{5,9}\.npy$')
@@ -254,6 +260,7 @@ def _is_ours(f) -> bool:
     "Whether `f` is named as a writer names shard files (and so may be removed once no manifest needs it)"
     return bool(_OWN_RE.match(Path(f).name))
 
+# %% ../nbs/04_write.ipynb #11324f7e
 def _cleanup(path:Path, m:dict=None) -> list:
     "Remove shard files that manifest `m` neither uses nor retains, and a stale temporary manifest; return what could not be removed"
     keep = {e['file'] for e in manifest_files(m)} | set(retired_files(m)) if m else set()
@@ -273,6 +280,7 @@ def _warn_left(path, failed):
     if failed: warnings.warn(f"{path}: could not remove {len(failed)} unused file(s) ({', '.join(failed[:3])}); they are not "
                              f"part of the store, and the next writer tries again", stacklevel=3)
 
+# %% ../nbs/04_write.ipynb #9b4f69d5
 def _no_write(path, e:OSError):
     "The error for a directory this process may not write in"
     return PermissionError(e.errno, f"{path} is not writable by this user ({e.strerror}): a writer creates its lock and shard "
@@ -296,6 +304,7 @@ def _prepare_dir(path:Path, mode:str) -> bool:
 
 # %% ../nbs/04_write.ipynb #8e1c2b90
 _HELD = {}   # writer-lock descriptors this process holds -> (pid that took it, key of this taking)
+
 _KEYS = itertools.count()
 
 def _close_inherited():
@@ -314,6 +323,7 @@ def _unlock(fd:int, key=None):
     del _HELD[fd]                    # released: if an interrupt lands after this line, only a descriptor is left open
     os.close(fd)
 
+# %% ../nbs/04_write.ipynb #df16fb06
 class _Held:
     """The store's writer lock (`flock` on `path/.lock`), taken at once or `StoreLockedError`; the OS frees it if the holder dies.
     `release()` frees it, and so does dropping this object (a release an interrupt cut short): the release is registered
@@ -385,204 +395,117 @@ class MemmapWriter:
         self.token, self.shards, self.writers, self.n, self.cur = secrets.token_hex(6), [], [], 0, None
         self.rows, self.store, self.manifest = {}, None, None
 
-    def _from_store(self, dtype):
-        "Take dtype, shape and metadata columns from the store being appended to"
-        m = self.old
-        want = np.dtype(m['dtype'])
-        if dtype is not None and self.dtype != want:
-            raise IncompatibleDataError(f"dtype={self.dtype} was asked for but the store at {self.path} holds {want}")
-        self.store_dtype = want
-        self.item_shape = None if m['item_shape'] is None else tuple(m['item_shape'])
-        self.item_ndim, self.ragged = m['item_ndim'], m['item_shape'] is None
-        self.meta_names = [c for c, _ in m['meta']]
-        self.kinds = {c: _meta_kind(d) for c, d in m['meta']}
-        if self.cols is not None and set(self.cols) != set(self.meta_names):
-            raise MetadataError(f"the store has metadata columns {sorted(self.meta_names)} but the append gives {sorted(self.cols)}; "
-                                f"give the same columns")
-
     def _release(self):
         "Release the writer lock (once; on every path)"
         if self._held is not None: self._held.release()
 
-    # --- items
-    def _check(self, a:np.ndarray, i:int):
-        "Learn the store's dtype and shape from the first item; check every later one against them"
-        if self.item_ndim is None:
-            self.store_dtype = check_dtype(self.dtype or a.dtype, 'data')
-            self.item_ndim = a.ndim
-            self.item_shape = None if self.ragged else a.shape
-        if a.dtype != self.store_dtype:
-            if self.dtype is None:
-                raise IncompatibleDataError(f"item {i} has dtype {a.dtype} but the store holds {self.store_dtype}; "
-                                            f"pass dtype={self.store_dtype.name!r} to convert")
-            a = _as_array(a, i, self.store_dtype, self.casting)
-        if a.ndim != self.item_ndim:
-            raise IncompatibleDataError(f"item {i} has {a.ndim} dimensions ({a.shape}) but the store's items have {self.item_ndim}")
-        if self.item_shape is not None and a.shape != self.item_shape:
-            hint = "" if self.old is not None else " (pass ragged=True to store items of varying shape)"
-            raise IncompatibleDataError(f"item {i} has item shape {a.shape} but the store's item shape is {self.item_shape}{hint}")
-        return a
-
-    def _shard(self) -> ShardWriter:
-        if self.cur is None:
-            self.cur = ShardWriter(self.path, self.token, len(self.shards), self.store_dtype, self.item_shape, self.item_ndim)
-            self.writers.append(self.cur)
-            self.cur_start = self.n
-        return self.cur
-
-    def _open_check(self):
-        if self._state != 'open':
-            done = "has committed (a writer commits at most once)" if self._state == 'committed' else "was aborted"
-            raise StoreError(f"this writer of {self.path} {done}: it takes no more items. Open a new MemmapWriter(path, 'a') to add more.")
-
-    def add(self, x, **meta):
-        "Add one item `x` (an array), with its metadata values as keyword arguments"
-        self._open_check()
-        a = self._check(_as_array(x, self.n, self.dtype, self.casting), self.n)
-        if self.cols is not None and meta: raise MetadataError("metadata was given for all items at once; add items without it")
-        if self.cols is None:
-            if self.meta_names is None: self.meta_names = list(meta)
-            if set(meta) != set(self.meta_names):
-                raise MetadataError(f"item {self.n} has metadata {sorted(meta)} but the store's columns are {sorted(self.meta_names)}")
-            for c, v in meta.items(): self.rows.setdefault(c, []).append(v)
-        self._shard().add(a if self.ragged else a[None])
-        self.n += 1
-        if self.cur.nbytes >= self.shard_size: self._close_shard()
-
-    def add_many(self, X):
-        "Add the rows of array `X` `(n, ...)` as items (fixed-shape stores; metadata given to the writer as `meta`)"
-        self._open_check()
-        if self.ragged: raise IncompatibleDataError("a ragged store takes items one at a time: use add(item)")
-        if self.cols is None and self.meta_names: raise MetadataError("add_many takes no per-item metadata; give meta= to the writer")
-        X = _as_array(X, self.n, self.dtype, self.casting, rows=True)
-        if X.ndim < 1: raise IncompatibleDataError("add_many needs an array with a leading item axis (n, ...)")
-        if len(X): self._check(X[0], self.n)
-        X = _as_array(X, self.n, self.store_dtype if self.item_ndim is not None else None, self.casting, rows=True)
-        if len(X) and X.shape[1:] != self.item_shape:
-            raise IncompatibleDataError(f"the rows have item shape {X.shape[1:]} but the store's item shape is {self.item_shape}")
-        if self.cols is None and self.meta_names is None: self.meta_names = []
-        isz = max(1, X[0].nbytes) if len(X) else 1
-        while len(X):
-            sw = self._shard()
-            k = max(1, (self.shard_size - sw.nbytes) // isz)
-            sw.add(X[:k]); self.n += len(X[:k]); X = X[k:]
-            if sw.nbytes >= self.shard_size: self._close_shard()
-
-    def _close_shard(self):
-        if self.cur is None: return
-        a, b = self.cur_start, self.n
-        if self.cols is not None:
-            meta = {c: self.cols[c][a:b] for c in self.meta_names} if b <= min(map(len, self.cols.values()), default=b) else None
-        else: meta = {c: _meta_column(c, self.rows[c]) for c in self.meta_names or []}
-        if meta is None:
-            raise MetadataError(f"more items ({b}) were written than the metadata columns have values "
-                                f"({min(map(len, self.cols.values()))}); give one value per item. Nothing was committed.")
-        for c, v in meta.items():
-            k = _meta_kind(v.dtype)
-            if self.kinds.setdefault(c, k) != k:
-                raise MetadataError(f"metadata column {c!r} holds {self.kinds[c]} values but item {a}'s shard gives {k} values")
-        self.shards.append(self.cur.close(meta))
-        self.cur, self.rows = None, {}
-
-# %% ../nbs/04_write.ipynb #2c7f4e19
+# %% ../nbs/04_write.ipynb #e6feed70
 @patch
-def commit(self:MemmapWriter) -> MemmapStore:
-    "Make every added item visible in one atomic step (at most once), and return the store opened for reading"
-    if self._state == 'committed': return self.store if self.store is not None else MemmapStore(self.path)
-    if self._state == 'aborted':
-        raise StoreError(f"this writer of {self.path} was aborted; nothing it added was committed. Open a new MemmapWriter to write again.")
-    try:
-        try:
-            if self.n == 0 and self.old is None and self.item_ndim is None:
-                raise IncompatibleDataError("no items were added: a new store needs at least one item to learn its dtype and shape")
-            self._close_shard()
-            if self.cols is not None:
-                for c, v in self.cols.items():
-                    if len(v) != self.n:
-                        raise MetadataError(f"metadata column {c!r} has {len(v)} values but {self.n} items were written; "
-                                            f"give one value per item. Nothing was committed.")
-            self.manifest = self._build_manifest()
-            if self.manifest != self.old: write_manifest(self.path, self.manifest)   # the commit point
-        except BaseException:
-            if self._on_disk(): self._state = 'committed'   # renamed into place: the commit stands, whatever came after
-            else: self._drop_files()
-            raise
-        self._state = 'committed'
-        _warn_left(self.path, _cleanup(self.path, self.manifest))   # replaced and merged-away files; never raises for a file
-    finally:
-        if self._state == 'open': self._state = 'aborted'
-        self._release()
-        if self.committed is not None: self.committed.close()
-    self.store = MemmapStore(self.path)
-    return self.store
+def _from_store(self:MemmapWriter, dtype):
+    "Take dtype, shape and metadata columns from the store being appended to"
+    m = self.old
+    want = np.dtype(m['dtype'])
+    if dtype is not None and self.dtype != want:
+        raise IncompatibleDataError(f"dtype={self.dtype} was asked for but the store at {self.path} holds {want}")
+    self.store_dtype = want
+    self.item_shape = None if m['item_shape'] is None else tuple(m['item_shape'])
+    self.item_ndim, self.ragged = m['item_ndim'], m['item_shape'] is None
+    self.meta_names = [c for c, _ in m['meta']]
+    self.kinds = {c: _meta_kind(d) for c, d in m['meta']}
+    if self.cols is not None and set(self.cols) != set(self.meta_names):
+        raise MetadataError(f"the store has metadata columns {sorted(self.meta_names)} but the append gives {sorted(self.cols)}; "
+                            f"give the same columns")
+
+# %% ../nbs/04_write.ipynb #2baf2f7f
+@patch
+def _check(self:MemmapWriter, a:np.ndarray, i:int):
+    "Learn the store's dtype and shape from the first item; check every later one against them"
+    if self.item_ndim is None:
+        self.store_dtype = check_dtype(self.dtype or a.dtype, 'data')
+        self.item_ndim = a.ndim
+        self.item_shape = None if self.ragged else a.shape
+    if a.dtype != self.store_dtype:
+        if self.dtype is None:
+            raise IncompatibleDataError(f"item {i} has dtype {a.dtype} but the store holds {self.store_dtype}; "
+                                        f"pass dtype={self.store_dtype.name!r} to convert")
+        a = _as_array(a, i, self.store_dtype, self.casting)
+    if a.ndim != self.item_ndim:
+        raise IncompatibleDataError(f"item {i} has {a.ndim} dimensions ({a.shape}) but the store's items have {self.item_ndim}")
+    if self.item_shape is not None and a.shape != self.item_shape:
+        hint = "" if self.old is not None else " (pass ragged=True to store items of varying shape)"
+        raise IncompatibleDataError(f"item {i} has item shape {a.shape} but the store's item shape is {self.item_shape}{hint}")
+    return a
+
+# %% ../nbs/04_write.ipynb #ab7b2a17
+@patch
+def _shard(self:MemmapWriter) -> ShardWriter:
+    if self.cur is None:
+        self.cur = ShardWriter(self.path, self.token, len(self.shards), self.store_dtype, self.item_shape, self.item_ndim)
+        self.writers.append(self.cur)
+        self.cur_start = self.n
+    return self.cur
 
 @patch
-def _on_disk(self:MemmapWriter) -> bool:
-    "Whether the manifest on disk is the one this writer committed"
-    if self.manifest is None: return False
-    try: return read_manifest(self.path) == self.manifest
-    except Exception: return False
+def _open_check(self:MemmapWriter):
+    if self._state != 'open':
+        done = "has committed (a writer commits at most once)" if self._state == 'committed' else "was aborted"
+        raise StoreError(f"this writer of {self.path} {done}: it takes no more items. Open a new MemmapWriter(path, 'a') to add more.")
 
 @patch
-def _drop_files(self:MemmapWriter):
-    "Remove the files this writer made, except any the manifest on disk names (if it cannot be read: none, the next writer will)"
-    for w in self.writers:
-        try: w.data.f.close()
-        except OSError: pass
-    try: m = read_manifest(self.path)
-    except StoreNotFoundError: keep = set()
-    except Exception: return
-    else: keep = {e['file'] for e in manifest_files(m)} | {r['file'] for r in m.get('retired', ())}
-    for p in [p for w in self.writers for p in w.files] + self._made:
-        if p.name not in keep:
-            try: p.unlink()
-            except OSError: pass
-    if self.created and not keep:
-        shutil.rmtree(self.path, ignore_errors=True)
+def add(self:MemmapWriter, x, **meta):
+    "Add one item `x` (an array), with its metadata values as keyword arguments"
+    self._open_check()
+    a = self._check(_as_array(x, self.n, self.dtype, self.casting), self.n)
+    if self.cols is not None and meta: raise MetadataError("metadata was given for all items at once; add items without it")
+    if self.cols is None:
+        if self.meta_names is None: self.meta_names = list(meta)
+        if set(meta) != set(self.meta_names):
+            raise MetadataError(f"item {self.n} has metadata {sorted(meta)} but the store's columns are {sorted(self.meta_names)}")
+        for c, v in meta.items(): self.rows.setdefault(c, []).append(v)
+    self._shard().add(a if self.ragged else a[None])
+    self.n += 1
+    if self.cur.nbytes >= self.shard_size: self._close_shard()
 
+# %% ../nbs/04_write.ipynb #10d62ede
 @patch
-def abort(self:MemmapWriter):
-    "Drop everything added; the store stays exactly at its last commit. After a commit there is nothing to undo."
-    if self._state != 'open': return
-    self._state = 'aborted'
-    try: self._drop_files()
-    finally:
-        self._release()
-        if self.committed is not None: self.committed.close()
+def add_many(self:MemmapWriter, X):
+    "Add the rows of array `X` `(n, ...)` as items (fixed-shape stores; metadata given to the writer as `meta`)"
+    self._open_check()
+    if self.ragged: raise IncompatibleDataError("a ragged store takes items one at a time: use add(item)")
+    if self.cols is None and self.meta_names: raise MetadataError("add_many takes no per-item metadata; give meta= to the writer")
+    X = _as_array(X, self.n, self.dtype, self.casting, rows=True)
+    if X.ndim < 1: raise IncompatibleDataError("add_many needs an array with a leading item axis (n, ...)")
+    if len(X): self._check(X[0], self.n)
+    X = _as_array(X, self.n, self.store_dtype if self.item_ndim is not None else None, self.casting, rows=True)
+    if len(X) and X.shape[1:] != self.item_shape:
+        raise IncompatibleDataError(f"the rows have item shape {X.shape[1:]} but the store's item shape is {self.item_shape}")
+    if self.cols is None and self.meta_names is None: self.meta_names = []
+    isz = max(1, X[0].nbytes) if len(X) else 1
+    while len(X):
+        sw = self._shard()
+        k = max(1, (self.shard_size - sw.nbytes) // isz)
+        sw.add(X[:k]); self.n += len(X[:k]); X = X[k:]
+        if sw.nbytes >= self.shard_size: self._close_shard()
 
+# %% ../nbs/04_write.ipynb #4698bda6
 @patch
-def __enter__(self:MemmapWriter): return self
-
-@patch
-def __exit__(self:MemmapWriter, typ, *_):
-    if typ is None: self.commit()
-    else: self.abort()
+def _close_shard(self:MemmapWriter):
+    if self.cur is None: return
+    a, b = self.cur_start, self.n
+    if self.cols is not None:
+        meta = {c: self.cols[c][a:b] for c in self.meta_names} if b <= min(map(len, self.cols.values()), default=b) else None
+    else: meta = {c: _meta_column(c, self.rows[c]) for c in self.meta_names or []}
+    if meta is None:
+        raise MetadataError(f"more items ({b}) were written than the metadata columns have values "
+                            f"({min(map(len, self.cols.values()))}); give one value per item. Nothing was committed.")
+    for c, v in meta.items():
+        k = _meta_kind(v.dtype)
+        if self.kinds.setdefault(c, k) != k:
+            raise MetadataError(f"metadata column {c!r} holds {self.kinds[c]} values but item {a}'s shard gives {k} values")
+    self.shards.append(self.cur.close(meta))
+    self.cur, self.rows = None, {}
 
 # %% ../nbs/04_write.ipynb #3b8d1f62
-@patch
-def _build_manifest(self:MemmapWriter) -> dict:
-    old = self.old or {}
-    shards = old.get('shards', []) + self.shards
-    m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype=self.store_dtype.str, item_ndim=self.item_ndim,
-             item_shape=None if self.item_shape is None else list(self.item_shape),
-             length=old.get('length', 0) + self.n, meta=self._merge_meta(), shards=shards)
-    now = time.time()
-    retired = [r for r in old.get('retired', []) if r['until'] > now]
-    if self.old is not None and (self._compact_all or self.compact):
-        runs = _plan(shards, self.shard_size, tail=not self._compact_all)
-        if runs:
-            src = _reader(self.path, m)
-            try: merged = _merge_runs(src, runs, self.path, secrets.token_hex(6), self._made, progress=self._progress)
-            finally: src.close()
-            committed = {e['file'] for e in manifest_files(old)}
-            gone = [e['file'] for k in itertools.chain(*runs) for e in manifest_files({'shards': [shards[k]]})]
-            if self.retain > 0: retired += [dict(file=f, until=now + self.retain) for f in gone if f in committed]   # else: removed after the commit
-            first = {run[0]: rec for run, rec in zip(runs, merged)}
-            dropped = set(itertools.chain(*runs)) - set(first)
-            m['shards'] = [first.get(k, s) for k, s in enumerate(shards) if k not in dropped]
-    if retired: m['retired'] = retired
-    return m
-
 @patch
 def _merge_meta(self:MemmapWriter) -> list:
     "`[[column, dtype]]` holding every value exactly; this write's metadata files that must be are rewritten in it"
@@ -618,6 +541,108 @@ def _rewrite_meta(path:Path, rec:dict, cols:dict):
     p.unlink()   # a new file: never write through a name another store may share by a hard link
     rec['meta'] = _save(p, b)
 
+# %% ../nbs/04_write.ipynb #dd783f30
+@patch
+def _build_manifest(self:MemmapWriter) -> dict:
+    old = self.old or {}
+    shards = old.get('shards', []) + self.shards
+    m = dict(format=FORMAT_NAME, version=FORMAT_VERSION, dtype=self.store_dtype.str, item_ndim=self.item_ndim,
+             item_shape=None if self.item_shape is None else list(self.item_shape),
+             length=old.get('length', 0) + self.n, meta=self._merge_meta(), shards=shards)
+    now = time.time()
+    retired = [r for r in old.get('retired', []) if r['until'] > now]
+    if self.old is not None and (self._compact_all or self.compact):
+        runs = _plan(shards, self.shard_size, tail=not self._compact_all)
+        if runs:
+            src = _reader(self.path, m)
+            try: merged = _merge_runs(src, runs, self.path, secrets.token_hex(6), self._made, progress=self._progress)
+            finally: src.close()
+            committed = {e['file'] for e in manifest_files(old)}
+            gone = [e['file'] for k in itertools.chain(*runs) for e in manifest_files({'shards': [shards[k]]})]
+            if self.retain > 0: retired += [dict(file=f, until=now + self.retain) for f in gone if f in committed]   # else: removed after the commit
+            first = {run[0]: rec for run, rec in zip(runs, merged)}
+            dropped = set(itertools.chain(*runs)) - set(first)
+            m['shards'] = [first.get(k, s) for k, s in enumerate(shards) if k not in dropped]
+    if retired: m['retired'] = retired
+    return m
+
+# %% ../nbs/04_write.ipynb #2c7f4e19
+@patch
+def commit(self:MemmapWriter) -> MemmapStore:
+    "Make every added item visible in one atomic step (at most once), and return the store opened for reading"
+    if self._state == 'committed': return self.store if self.store is not None else MemmapStore(self.path)
+    if self._state == 'aborted':
+        raise StoreError(f"this writer of {self.path} was aborted; nothing it added was committed. Open a new MemmapWriter to write again.")
+    try:
+        try:
+            if self.n == 0 and self.old is None and self.item_ndim is None:
+                raise IncompatibleDataError("no items were added: a new store needs at least one item to learn its dtype and shape")
+            self._close_shard()
+            if self.cols is not None:
+                for c, v in self.cols.items():
+                    if len(v) != self.n:
+                        raise MetadataError(f"metadata column {c!r} has {len(v)} values but {self.n} items were written; "
+                                            f"give one value per item. Nothing was committed.")
+            self.manifest = self._build_manifest()
+            if self.manifest != self.old: write_manifest(self.path, self.manifest)   # the commit point
+        except BaseException:
+            if self._on_disk(): self._state = 'committed'   # renamed into place: the commit stands, whatever came after
+            else: self._drop_files()
+            raise
+        self._state = 'committed'
+        _warn_left(self.path, _cleanup(self.path, self.manifest))   # replaced and merged-away files; never raises for a file
+    finally:
+        if self._state == 'open': self._state = 'aborted'
+        self._release()
+        if self.committed is not None: self.committed.close()
+    self.store = MemmapStore(self.path)
+    return self.store
+
+# %% ../nbs/04_write.ipynb #02439b34
+@patch
+def _on_disk(self:MemmapWriter) -> bool:
+    "Whether the manifest on disk is the one this writer committed"
+    if self.manifest is None: return False
+    try: return read_manifest(self.path) == self.manifest
+    except Exception: return False
+
+@patch
+def _drop_files(self:MemmapWriter):
+    "Remove the files this writer made, except any the manifest on disk names (if it cannot be read: none, the next writer will)"
+    for w in self.writers:
+        try: w.data.f.close()
+        except OSError: pass
+    try: m = read_manifest(self.path)
+    except StoreNotFoundError: keep = set()
+    except Exception: return
+    else: keep = {e['file'] for e in manifest_files(m)} | {r['file'] for r in m.get('retired', ())}
+    for p in [p for w in self.writers for p in w.files] + self._made:
+        if p.name not in keep:
+            try: p.unlink()
+            except OSError: pass
+    if self.created and not keep:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+# %% ../nbs/04_write.ipynb #1a469e2c
+@patch
+def abort(self:MemmapWriter):
+    "Drop everything added; the store stays exactly at its last commit. After a commit there is nothing to undo."
+    if self._state != 'open': return
+    self._state = 'aborted'
+    try: self._drop_files()
+    finally:
+        self._release()
+        if self.committed is not None: self.committed.close()
+
+# %% ../nbs/04_write.ipynb #1b3ce53a
+@patch
+def __enter__(self:MemmapWriter): return self
+
+@patch
+def __exit__(self:MemmapWriter, typ, *_):
+    if typ is None: self.commit()
+    else: self.abort()
+
 # %% ../nbs/04_write.ipynb #c42dcc30
 def _call(fn, src):
     "Run `fn(src)`, returning `(True, result)` or `(False, error text)`, so that errors cross process boundaries"
@@ -634,6 +659,7 @@ def _die_with(parent:int):
     except Exception: pass
     if os.getppid() != parent: os._exit(1)   # the parent died before the request took effect
 
+# %% ../nbs/04_write.ipynb #ce781dfc
 def _imap(fn, sources, n_jobs:int, chunk:int=16):
     "Yield `(i, source, (ok, result))` for each source, in order, computing `fn` in `n_jobs` processes, `chunk` sources a task"
     if n_jobs <= 1:
@@ -655,6 +681,7 @@ def _imap(fn, sources, n_jobs:int, chunk:int=16):
                 i += 1
     finally: ex.shutdown(wait=True, cancel_futures=True)
 
+# %% ../nbs/04_write.ipynb #62e9bbd9
 def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
     "Yield `(item, meta)` from `read_fn` over `sources`; record or raise failures"
     for i, src, (ok, res) in _imap(read_fn, sources, n_jobs):
@@ -666,13 +693,45 @@ def _read_items(sources, read_fn, n_jobs, on_error, source_col, skipped):
         if source_col: m = {**m, source_col: str(src)}
         yield x, m
 
-# %% ../nbs/04_write.ipynb #dcaeb37e
+# %% ../nbs/04_write.ipynb #b1405cd9
+def _check_input(data, cols:dict, ragged, read_fn) -> tuple:
+    "`(arraylike, n, ragged)` for `write_memmap`'s `data`: an array-like (checked before the disk is touched), its number of items (None: unknown), whether it is ragged"
+    arraylike = read_fn is None and _is_arraylike(data)
+    if arraylike:
+        if len(data.shape) < 1: raise IncompatibleDataError("data is a 0-d array; give an array with a leading item axis (N, ...)")
+        if ragged: raise IncompatibleDataError("an array (N, ...) has one item shape; ragged=True needs a list or iterable of arrays")
+        _as_array(np.zeros(0, data.dtype), 0, None)   # refuse object, string and structured arrays before touching the disk
+    n = len(data) if hasattr(data, '__len__') else None
+    for c, v in cols.items():
+        if n is not None and len(v) != n:
+            raise MetadataError(f"metadata column {c!r} has {len(v)} values but data has {n} items; give one value per item")
+    if ragged is None:
+        ragged = read_fn is None and isinstance(data, (list, tuple)) and len({np.shape(x) for x in data}) > 1
+    return arraylike, n, ragged
+
+# %% ../nbs/04_write.ipynb #44e50155
+def _add_all(w:MemmapWriter, data, arraylike:bool, read_fn, n_jobs:int, on_error:str, source_col, skipped:list, progress:bool, tot):
+    "Add the items of `data` to `w`: an array-like in chunks of rows, sources through `read_fn`, or an iterable one item at a time"
+    if arraylike:
+        step = max(1, (64 << 20) // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
+        chunks = _chunks(data, 64 << 20)
+        nch = -(-len(data) // step)
+        for c in (progress_bar(chunks, total=nch, leave=False) if progress and nch > 1 else chunks): w.add_many(c)
+    elif read_fn is not None:
+        src = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1 else data
+        for x, m in _read_items(src, read_fn, n_jobs, on_error, source_col, skipped): w.add(x, **m)
+    else:
+        it = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1000 else data
+        for x in it: w.add(x)
+
+# %% ../nbs/04_write.ipynb #2ff27559
 _WRITERS = []
 
 def register_writer(accepts, write):
     "Make `write_memmap(path, data, **kw)` call `write(path, data, **kw)` when `accepts(path, data)` is true"
     _WRITERS.append((accepts, write))
 
+# %% ../nbs/04_write.ipynb #dcaeb37e
 def write_memmap(
     path,  # Directory of the store to write (conventionally `*.fmm`)
     data,  # Items: an array `(N, ...)`, an array-like with `shape`/`dtype`/slicing, a list or iterable of arrays; or sources for `read_fn`
@@ -707,32 +766,12 @@ def write_memmap(
         raise MetadataError("with read_fn, give metadata either as meta= (one value per source) or from read_fn, "
                             "not with on_error='skip' or source_col (rows would not line up)")
     cols = _meta_columns(meta)
-    arraylike = read_fn is None and _is_arraylike(data)
-    if arraylike:
-        if len(data.shape) < 1: raise IncompatibleDataError("data is a 0-d array; give an array with a leading item axis (N, ...)")
-        if ragged: raise IncompatibleDataError("an array (N, ...) has one item shape; ragged=True needs a list or iterable of arrays")
-        _as_array(np.zeros(0, data.dtype), 0, None)   # refuse object, string and structured arrays before touching the disk
-    n = len(data) if hasattr(data, '__len__') else None
-    for c, v in cols.items():
-        if n is not None and len(v) != n:
-            raise MetadataError(f"metadata column {c!r} has {len(v)} values but data has {n} items; give one value per item")
-    if ragged is None:
-        ragged = read_fn is None and isinstance(data, (list, tuple)) and len({np.shape(x) for x in data}) > 1
+    arraylike, n, ragged = _check_input(data, cols, ragged, read_fn)
     skipped = []
     tot = n or total
     with MemmapWriter(path, mode, dtype=dtype, ragged=ragged, meta=cols if read_fn is None or meta is not None else None,
                       shard_size=shard_size, casting=casting, compact=compact) as w:
-        if arraylike:
-            step = max(1, (64 << 20) // max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * np.dtype(data.dtype).itemsize))
-            chunks = _chunks(data, 64 << 20)
-            nch = -(-len(data) // step)
-            for c in (progress_bar(chunks, total=nch, leave=False) if progress and nch > 1 else chunks): w.add_many(c)
-        elif read_fn is not None:
-            src = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1 else data
-            for x, m in _read_items(src, read_fn, n_jobs, on_error, source_col, skipped): w.add(x, **m)
-        else:
-            it = progress_bar(data, total=tot, leave=False) if progress and tot and tot > 1000 else data
-            for x in it: w.add(x)
+        _add_all(w, data, arraylike, read_fn, n_jobs, on_error, source_col, skipped, progress, tot)
     w.store.skipped = skipped
     if skipped: warnings.warn(f"write_memmap: read_fn failed on {len(skipped)} source(s), left out (see store.skipped): "
                               f"first: {skipped[0][1]!r}: {skipped[0][2]}")
@@ -749,6 +788,7 @@ def _link_or_copy(src, out:Path, link:bool):
         shutil.copyfileobj(f, g, 8 << 20)
         g.flush(); os.fsync(g.fileno())
 
+# %% ../nbs/04_write.ipynb #2b536951
 def combine_stores(
     dst,  # Directory of the new store
     srcs:list,  # Stores (paths or `MemmapStore`s) with the same dtype, item shape (or all ragged) and metadata columns
@@ -827,6 +867,7 @@ def _copy_checked(src:MemmapStore, k:int, kind:str, out, fn=None, chunk:int=64 <
                             f"contents changed on disk. Nothing was compacted; restore the file from a copy or rewrite the store.")
     return len(a)
 
+# %% ../nbs/04_write.ipynb #db63e500
 def _restruct(b:np.ndarray, dt:np.dtype) -> np.ndarray:
     out = np.empty(len(b), dt)
     for c in dt.names: out[c] = b[c]

@@ -32,13 +32,7 @@ DRAWING_CALLS = {'show', 'show_batch', 'show_results', 'show_array', 'plot_summa
 # key -> the fix, in the notebook that owns it. Keys: 'api:MODULE.NAME' (no API section), 'export:NAME'
 # (fastai_memmap.all exports a name defined elsewhere), 'stderr:PAGE:CELL_ID' (warning output), 'anchor:PAGE#ID'
 # (links to an API section that does not exist).
-KNOWN_GAPS = {
-    'api:fastai_memmap.format.FORMAT_NAME': '01_format: a markdown cell `### FORMAT_NAME` with a sentence, after the cell defining it',
-    'api:fastai_memmap.format.FORMAT_VERSION': '01_format: a markdown cell `### FORMAT_VERSION` with a sentence',
-    'api:fastai_memmap.format.MANIFEST': '01_format: a markdown cell `### MANIFEST` with a sentence',
-    'stderr:cli.html:7e62c83c': "12_cli cell 7e62c83c: the CLI's expected error message shows as a stderr box: capture it "
-                                "(contextlib.redirect_stderr(io.StringIO())) and assert on it, or print what was captured",
-}
+KNOWN_GAPS = {}
 
 def _directives(src:str) -> dict:
     opts = {}
