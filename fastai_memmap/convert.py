@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from fastprogress.fastprogress import progress_bar
 from .errors import *
-from .format import check_dtype
+from .format import check_dtype, _ast_lock
 from .store import MemmapStore
 from .write import MemmapWriter, write_memmap, _meta_columns
 
@@ -46,11 +46,13 @@ def _memmap_rows(a, step):
 def _read_header(f):
     "`(shape, fortran_order, dtype)` from the header of the `.npy` stream `f` (numpy's public readers; version 3.0 parsed as numpy does)"
     v = np.lib.format.read_magic(f)
-    if v == (1, 0): return np.lib.format.read_array_header_1_0(f)
-    if v == (2, 0): return np.lib.format.read_array_header_2_0(f)
+    with _ast_lock:   # parsed by `ast`, which CPython 3.11 does not guard between threads (see `read_npy_header`)
+        if v == (1, 0): return np.lib.format.read_array_header_1_0(f)
+        if v == (2, 0): return np.lib.format.read_array_header_2_0(f)
     if v != (3, 0): raise ValueError(f"unsupported .npy format version {v}")
     n = int.from_bytes(f.read(4), 'little')   # version 3.0 is 2.0 with a utf-8 header; numpy has no public reader for it
-    try: d = ast.literal_eval(f.read(n).decode('utf-8'))
+    try:
+        with _ast_lock: d = ast.literal_eval(f.read(n).decode('utf-8'))
     except (ValueError, SyntaxError, UnicodeDecodeError) as e: raise ValueError(f"unreadable .npy header ({e})") from None
     if not isinstance(d, dict) or set(d) != {'descr', 'fortran_order', 'shape'} or not isinstance(d['shape'], tuple):
         raise ValueError(f"unreadable .npy header: {d!r}")

@@ -144,7 +144,7 @@ __all__ = ['FORMAT_NAME', 'FORMAT_VERSION', 'MANIFEST', 'check_dtype', 'check_me
            'write_new', 'commit_file', 'write_manifest', 'manifest_files', 'retired_files']
 
 # %% ../nbs/01_format.ipynb #bb2f522c
-import io, json, math, os, re, stat, struct, time, tokenize, zlib
+import io, json, math, os, re, stat, struct, threading, time, tokenize, zlib
 from urllib.parse import urlparse, unquote
 from pathlib import Path
 import numpy as np
@@ -192,13 +192,17 @@ def npy_header(dtype, shape, size:int=None) -> bytes:
     body = h[10:-1] + b' ' * (size - len(h)) + b'\n'
     return h[:8] + struct.pack('<H', len(body)) + body
 
+# %% ../nbs/01_format.ipynb #5a1e0c12
+_ast_lock = threading.Lock()   # held around every `ast` parse of a .npy header in this package
+
 # %% ../nbs/01_format.ipynb #0f801787
 def read_npy_header(f) -> tuple:
     "Read the header of an open .npy file: `(shape, dtype, header_size)`. Refuses Fortran order and object dtypes."
     version = np.lib.format.read_magic(f)
     if version not in ((1, 0), (2, 0)): raise ValueError(f"unsupported .npy version {version}")
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    try: shape, fortran, dtype = read(f, max_header_size=65536)
+    try:
+        with _ast_lock: shape, fortran, dtype = read(f, max_header_size=65536)
     except (SyntaxError, tokenize.TokenError, TypeError) as e: raise ValueError(f"unreadable .npy header ({type(e).__name__}: {e})") from None
     if fortran: raise ValueError("the array is stored in Fortran order")
     if dtype.hasobject: raise ValueError("the array holds Python objects")

@@ -2,7 +2,7 @@
 the guarantees they break: reads from threads, descriptors, commits, user files, exact metadata.
 
 Real files, real threads and real processes; nothing is mocked."""
-import os, subprocess, sys, textwrap
+import gc, os, subprocess, sys, textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np, pytest
@@ -37,6 +37,28 @@ def test_defect11_threads_share_the_map_cache(tmp_path):
         return True
     with ThreadPoolExecutor(8) as ex: assert all(ex.map(work, range(16)))
     assert len(store._fresh()) <= 4
+
+class _Cycle:
+    "A reference cycle whose finalizer runs Python code: the garbage collector runs it, and another thread may take over there"
+    def __del__(self): sum(range(50))
+
+def test_threads_opening_shards_while_the_collector_runs(tmp_path):
+    "Loading threads that open shards in parallel (each open parses a .npy header with `ast`, which CPython 3.11 does not guard between threads) read exactly"
+    X = np.arange(200 * 6, dtype=np.float32).reshape(200, 2, 3)
+    write_memmap(tmp_path/'s.fmm', X, shard_size=X[:2].nbytes, progress=False)
+    store = MemmapStore(tmp_path/'s.fmm', max_open=2)   # almost every read opens a shard
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(1000):
+            i = int(rng.integers(0, 200))
+            np.testing.assert_array_equal(store[i], X[i])
+            c = [_Cycle()]; c.append(c)
+        return True
+    thresh, switch = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(1); sys.setswitchinterval(1e-6)   # collections, and thread switches, as often as they come (without the lock: fails 3 runs in 4)
+    try:
+        with ThreadPoolExecutor(8) as ex: assert all(ex.map(work, range(8)))
+    finally: gc.set_threshold(*thresh); sys.setswitchinterval(switch)
 
 def test_defect11_dask_threaded_scheduler(tmp_path):
     X = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
