@@ -8,7 +8,7 @@ Docs: https://fastai-memmap.github.io/fastai_memmap/remote.html.md"""
 __all__ = ['is_url', 'remote_fs', 'default_cache_dir', 'ShardCache', 'RemoteStore', 'write_remote', 'stage']
 
 # %% ../nbs/08_remote.ipynb #467126c9
-import contextlib, errno, fcntl, hashlib, io, itertools, json, os, re, tempfile, threading, time, weakref, zlib
+import contextlib, errno, fcntl, hashlib, io, json, os, re, tempfile, threading, time, weakref, zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from fastcore.basics import patch
@@ -16,7 +16,7 @@ from .errors import *
 from .format import *
 from .format import _NAME_RE
 from .store import MemmapStore, register_remote
-from .write import register_writer, write_memmap, _no_write
+from .write import register_writer, write_memmap, _no_write, _LockFd
 
 # %% ../nbs/08_remote.ipynb #7ab5e6d0
 def is_url(path) -> bool:
@@ -54,36 +54,6 @@ def _cache_name(url:str, endpoint:str=None) -> str:
     h = hashlib.sha1(f'{endpoint or ""}|{url}'.encode()).hexdigest()[:12]
     return re.sub(r'[^A-Za-z0-9._-]+', '_', url.split('://', 1)[-1]).strip('_.')[-60:] + '-' + h
 
-# %% ../nbs/08_remote.ipynb #c7e51ec2
-_LOCK_FDS = {}   # lock descriptors this process holds right now -> the key of that taking
-
-_LOCK_KEYS = itertools.count()
-
-def _close_inherited_locks():
-    for fd in list(_LOCK_FDS):
-        try: os.close(fd)
-        except OSError: pass
-    _LOCK_FDS.clear()
-
-if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited_locks)
-
-def _unflock(fd:int, key:int):
-    "Unlock and close `fd` if this process still holds it under `key`; safe to repeat"
-    if _LOCK_FDS.get(fd) != key: return
-    try: fcntl.flock(fd, fcntl.LOCK_UN)   # explicitly: a child forked meanwhile may share this descriptor
-    except OSError: pass
-    del _LOCK_FDS[fd]   # unlocked: if an interrupt lands after this line, only a descriptor is left open
-    os.close(fd)
-
-class _Fd:
-    "Owns lock descriptor `fd`: `close()` unlocks and closes it, and so does dropping this object (if a close was interrupted)"
-    def __init__(self, fd:int):
-        _LOCK_FDS[fd] = self.key = next(_LOCK_KEYS)
-        self.fd, self._close = fd, weakref.finalize(self, _unflock, fd, self.key)
-    def close(self):
-        _unflock(self.fd, self.key)
-        self._close.detach()
-
 # %% ../nbs/08_remote.ipynb #c561e3be
 @contextlib.contextmanager
 def _flock(path, block:bool=True):
@@ -93,14 +63,14 @@ def _flock(path, block:bool=True):
         if e.errno != errno.ELOOP: raise
         raise StoreError(f"{path} is a symbolic link; a lock file is never followed (it could create or lock a file elsewhere). "
                          f"Remove it (rm '{path}') and try again.") from None
-    h = _Fd(fd)
+    h = _LockFd(fd)
     try:
         try: fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
         yield True
-    finally: h.close()
+    finally: h.release()
 
 # %% ../nbs/08_remote.ipynb #06810859
 def _read_full(f, n:int) -> bytes:

@@ -303,7 +303,7 @@ def _prepare_dir(path:Path, mode:str) -> bool:
     return True
 
 # %% ../nbs/04_write.ipynb #8e1c2b90
-_HELD = {}   # writer-lock descriptors this process holds -> (pid that took it, key of this taking)
+_HELD = {}   # lock descriptors this process holds -> (pid that took it, key of this taking)
 
 _KEYS = itertools.count()
 
@@ -316,15 +316,27 @@ def _close_inherited():
 if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_close_inherited)
 
 def _unlock(fd:int, key=None):
-    "Release writer lock `fd` and close it (in the process that took it, and only the taking `key` if given); safe to repeat"
+    "Release lock `fd` and close it (in the process that took it, and only the taking `key` if given); safe to repeat"
     held = _HELD.get(fd)
     if held is None or held[0] != os.getpid() or (key is not None and held[1] != key): return
-    fcntl.flock(fd, fcntl.LOCK_UN)   # explicitly: a process forked meanwhile may share the descriptor
+    try: fcntl.flock(fd, fcntl.LOCK_UN)   # explicitly: a process forked meanwhile may share the descriptor
+    except OSError: pass
     del _HELD[fd]                    # released: if an interrupt lands after this line, only a descriptor is left open
     os.close(fd)
 
+class _LockFd:
+    "Owns lock descriptor `fd`: `release()` unlocks and closes it, and so does dropping this object (a release an interrupt cut short)"
+    def __init__(self, fd:int):
+        _HELD[fd] = (os.getpid(), next(_KEYS))
+        self.fd, self.key = fd, _HELD[fd][1]
+        self._free = weakref.finalize(self, _unlock, fd, self.key)
+
+    def release(self):
+        _unlock(self.fd, self.key)
+        self._free.detach()
+
 # %% ../nbs/04_write.ipynb #df16fb06
-class _Held:
+class _Held(_LockFd):
     """The store's writer lock (`flock` on `path/.lock`), taken at once or `StoreLockedError`; the OS frees it if the holder dies.
     `release()` frees it, and so does dropping this object (a release an interrupt cut short): the release is registered
     before the lock is taken."""
@@ -337,9 +349,7 @@ class _Held:
                                  f"Remove it (rm '{p}') and write again.") from None
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS): raise _no_write(path, e) from None
             raise
-        _HELD[fd] = (os.getpid(), next(_KEYS))
-        self.fd, self.key = fd, _HELD[fd][1]
-        self._free = weakref.finalize(self, _unlock, fd, self.key)
+        super().__init__(fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode): raise StoreError(f"{p} is not a regular file: remove it and write again.")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -348,10 +358,6 @@ class _Held:
             raise StoreLockedError(f"{path} is being written by another process; wait for it to finish (readers need no lock).") from None
         except BaseException:
             self.release(); raise
-
-    def release(self):
-        _unlock(self.fd, self.key)
-        self._free.detach()
 
 # %% ../nbs/04_write.ipynb #645a6ff9
 class MemmapWriter:

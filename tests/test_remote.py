@@ -1,12 +1,11 @@
 "Remote stores against a real S3 API (moto's server on loopback): write, read through a bounded cache, train, corruption, sharing, append, staging."
-import json, logging, os, signal, socket, subprocess, sys, textwrap, threading, time, zlib
+import json, logging, os, signal, subprocess, sys, textwrap, threading, time, zlib
 from pathlib import Path
 import numpy as np, pytest, torch
 from torch import nn
 
 pytest.importorskip('s3fs')
-moto_server = pytest.importorskip('moto.server')
-import boto3
+pytest.importorskip('moto.server')
 from fastai.data.block import DataBlock, CategoryBlock
 from fastai.data.transforms import ColReader, RandomSplitter
 from fastai.learner import Learner
@@ -19,31 +18,7 @@ from fastai_memmap.write import write_memmap
 from fastai_memmap.data import memmap_items, MemmapBlock
 from fastai_memmap.remote import *
 
-BUCKET = 'fmm-test'
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-@pytest.fixture(scope='module')
-def s3(tmp_path_factory):
-    "A moto S3 server on 127.0.0.1 (a free port), with the environment pointing boto/s3fs at it"
-    logging.getLogger('werkzeug').setLevel(logging.WARNING)   # one log line per request otherwise
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
-    server.start()
-    home = tmp_path_factory.mktemp('home')
-    env = dict(AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing', AWS_DEFAULT_REGION='us-east-1',
-               AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_CONFIG_FILE=str(home/'config'),
-               AWS_SHARED_CREDENTIALS_FILE=str(home/'credentials'), FASTAI_MEMMAP_CACHE=str(home/'cache'))
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ('AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_ENDPOINT_URL_S3'): mp.delenv(k, raising=False)
-        for k, v in env.items(): mp.setenv(k, v)
-        client = boto3.client('s3')
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    server.stop()
+from conftest import BUCKET
 
 def _data(n, d=256):
     "Items whose values say where they are: item i holds i*d .. i*d+d-1 (mod 2**20), as float32"

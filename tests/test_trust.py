@@ -93,7 +93,7 @@ def test_600_one_item_appends_read_back_under_ulimit_96(tmp_path):
     assert out.strip() == 'ok'
 
 # ================================================================== helpers for the tests below
-import errno, fcntl, gc, hashlib, json, random, shutil, signal, socket, stat, threading, time, tracemalloc, warnings, zlib
+import errno, fcntl, gc, hashlib, json, random, shutil, signal, stat, threading, time, tracemalloc, warnings, zlib
 import pandas as pd
 from urllib.parse import quote
 import fastai_memmap
@@ -696,30 +696,12 @@ def test_defect20_clear_cache_keeps_downloads_in_progress(tmp_path):
     assert isinstance(res[0], Path) and res[0].read_bytes() == content, res
 
 # ================================================================== 21: a damaged cached copy of a remote shard
-@pytest.fixture(scope='module')
-def s3(tmp_path_factory):
-    "A moto S3 server on 127.0.0.1 (as tests/test_remote.py), the environment pointing s3fs at it; yields the bucket name"
-    pytest.importorskip('s3fs'); server = pytest.importorskip('moto.server')
-    import boto3, logging
-    logging.getLogger('werkzeug').setLevel(logging.WARNING)
-    with socket.socket() as so: so.bind(('127.0.0.1', 0)); port = so.getsockname()[1]
-    srv = server.ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
-    srv.start()
-    home = tmp_path_factory.mktemp('home')
-    env = dict(AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing', AWS_DEFAULT_REGION='us-east-1',
-               AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_CONFIG_FILE=str(home/'config'),
-               AWS_SHARED_CREDENTIALS_FILE=str(home/'credentials'), FASTAI_MEMMAP_CACHE=str(home/'cache'))
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ('AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_ENDPOINT_URL_S3'): mp.delenv(k, raising=False)
-        for k, v in env.items(): mp.setenv(k, v)
-        boto3.client('s3').create_bucket(Bucket='fmm-trust')
-        yield 'fmm-trust'
-    srv.stop()
+from conftest import BUCKET   # the `s3` fixture's bucket
 
 def test_defect21_a_damaged_cached_copy_is_fetched_again(s3, tmp_path):
     "A cached shard damaged on local disk is dropped and downloaded again by verify(); a fresh open then reads right data"
     X = X_(30)
-    url = f's3://{s3}/cached.fmm'
+    url = f's3://{BUCKET}/cached.fmm'
     write_memmap(url, X, meta={'y': np.arange(30)}, shard_size=200, progress=False)
     s = MemmapStore(url, cache_dir=tmp_path)
     s.verify(progress=False)
@@ -825,12 +807,12 @@ def test_read_only_directory_as_an_unprivileged_user(tmp_path):
 def test_defect15_remote_manifest_bounds(s3, tmp_path):
     "The same bounds for a manifest read from an object store"
     import boto3
-    url = f's3://{s3}/hostile.fmm'
+    url = f's3://{BUCKET}/hostile.fmm'
     write_memmap(url, X_(2), progress=False)
     deep = ('{"format": ' + '{"a_key_of_some_length": ' * 20_000 + '1' + '}' * 20_001).encode()
-    boto3.client('s3').put_object(Bucket=s3, Key='hostile.fmm/manifest.json', Body=deep)
+    boto3.client('s3').put_object(Bucket=BUCKET, Key='hostile.fmm/manifest.json', Body=deep)
     with pytest.raises(CorruptStoreError, match='nested deeper'): MemmapStore(url, cache_dir=tmp_path)
-    boto3.client('s3').put_object(Bucket=s3, Key='hostile.fmm/manifest.json', Body=b'[' + b'{},' * 500_000 + b'{}]')
+    boto3.client('s3').put_object(Bucket=BUCKET, Key='hostile.fmm/manifest.json', Body=b'[' + b'{},' * 500_000 + b'{}]')
     with pytest.raises(CorruptStoreError, match='objects and lists'): MemmapStore(url, cache_dir=tmp_path)
 
 # ================================================================== many shards (issue "The index is out of core too")
