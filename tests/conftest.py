@@ -1,5 +1,5 @@
 "Fixtures shared by test modules"
-import logging, socket
+import logging, os, select, socket, time
 import pytest
 
 BUCKET = 'fmm-test'
@@ -25,3 +25,29 @@ def s3(tmp_path_factory):
             client.create_bucket(Bucket=BUCKET)
             yield client
     finally: srv.stop()
+
+class Lines:
+    "The lines child process `p` writes to its stdout, each read within a deadline"
+    def __init__(self, p, who:str='the child process'): self.p, self.fd, self.buf, self.who = p, p.stdout.fileno(), b'', who
+
+    @property
+    def has_line(self) -> bool: return b'\n' in self.buf
+
+    def pump(self):
+        "Read what has arrived, without blocking"
+        if select.select([self.fd], [], [], 0)[0]: self.buf += os.read(self.fd, 1 << 16)
+
+    def ready(self, delay:float) -> bool:
+        "Whether a line is here, or output arrives within `delay` seconds"
+        return self.has_line or bool(select.select([self.fd], [], [], delay)[0])
+
+    def __call__(self, timeout:float=60) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.has_line:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]: raise TimeoutError(f"{self.who} did not report")
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk: raise EOFError(f"{self.who} died (rc {self.p.poll()})")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b'\n', 1)
+        return line.decode()

@@ -10,12 +10,13 @@ store, one writer against many readers, and the CLI's `verify` / `info`.
 Library bugs found here have regression tests named `test_bug_*`. The broad tests also exempt a known bug's exact
 signature only while a probe shows the bug is present (none is, now), so a regression fails both.
 """
-import errno, hashlib, io, json, os, random, select, shutil, signal, subprocess, sys, time, tracemalloc, warnings
+import errno, hashlib, io, json, os, random, shutil, signal, subprocess, sys, time, tracemalloc, warnings
 from collections import Counter
 from pathlib import Path
 from subprocess import PIPE
 import numpy as np, pandas as pd, pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import Lines
 from fastai_memmap.errors import *
 from fastai_memmap.format import MANIFEST, manifest_files, read_npy_header, validate_manifest
 from fastai_memmap.store import MemmapStore
@@ -138,19 +139,8 @@ while line := sys.stdin.readline():
 class Zygote:
     def __init__(self):
         self.p = subprocess.Popen([PY, '-c', ZYGOTE], stdin=PIPE, stdout=PIPE, env=_env())
-        self.fd, self.buf = self.p.stdout.fileno(), b''
+        self._line = Lines(self.p, 'the write job')
         assert self._line(120) == 'ready'
-
-    def _line(self, timeout=60) -> str:
-        deadline = time.monotonic() + timeout
-        while b'\n' not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]: raise TimeoutError("the write job did not report")
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk: raise EOFError(f"the zygote died (rc {self.p.poll()})")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b'\n', 1)
-        return line.decode()
 
     def _send(self, s):
         self.p.stdin.write(s.encode() + b'\n'); self.p.stdin.flush()
@@ -331,8 +321,8 @@ def _watch_kill(z, job, when) -> bool:
         if due():
             os.kill(pid, signal.SIGKILL); killed = True
             break
-        if select.select([z.fd], [], [], 0)[0]: z.buf += os.read(z.fd, 1 << 16)   # never block: the directory is watched
-        while b'\n' in z.buf:
+        z._line.pump()   # never block: the directory is watched
+        while z._line.has_line:
             line = z._line()
             if line == 'done': done = True
             assert not line.startswith('error '), line

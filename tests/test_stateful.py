@@ -11,12 +11,13 @@ models), real processes killed with SIGKILL, no mocks.
 runs thousands more; it is marked slow and runs only when selected explicitly (`pytest -m slow tests/test_stateful.py`),
 since CI runs every test, slow ones included.
 """
-import json, os, select, shutil, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 from subprocess import PIPE
 import numpy as np, pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from conftest import Lines
 from fastai_memmap.errors import *
 from fastai_memmap.format import MANIFEST, manifest_files
 from fastai_memmap.store import MemmapStore
@@ -113,19 +114,8 @@ class Zygote:
     def __init__(self):
         env = {**os.environ, 'PYTHONPATH': str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', '')}
         self.p = subprocess.Popen([sys.executable, '-c', ZYGOTE], stdin=PIPE, stdout=PIPE, env=env)
-        self.fd, self.buf = self.p.stdout.fileno(), b''
+        self.line = Lines(self.p, 'the writer process')
         assert self.line(120) == 'ready'
-
-    def line(self, timeout=60) -> str:
-        deadline = time.monotonic() + timeout
-        while b'\n' not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]: raise TimeoutError("the writer process did not report")
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk: raise EOFError("the zygote died")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b'\n', 1)
-        return line.decode()
 
     def kill_after(self, job:dict, delay:float) -> str:
         "Run `job` in a fresh process and SIGKILL it `delay` seconds after it starts: 'killed', 'done' or 'error <name>'"
@@ -133,7 +123,7 @@ class Zygote:
         end = None
         while not (line := self.line()).startswith('pid '): end = line   # the child may report before the zygote does
         pid = int(line[4:])
-        if end is None and (b'\n' in self.buf or select.select([self.fd], [], [], delay)[0]): end = self.line()   # it finished first
+        if end is None and self.line.ready(delay): end = self.line()   # it finished first
         if end is None: os.kill(pid, signal.SIGKILL)
         self.p.stdin.write(b'reap\n'); self.p.stdin.flush()
         while (line := self.line()) != 'reaped': end = end or line
