@@ -136,6 +136,7 @@ def main():
     db = dblock()
     dls = {'`dataloaders(path, bs=64)` (defaults)': db.dataloaders(tmp/'m.fmm', bs=64, device='cpu'),
            '`num_workers=0`': db.dataloaders(tmp/'m.fmm', bs=64, device='cpu', num_workers=0),
+           '`num_workers=1`': db.dataloaders(tmp/'m.fmm', bs=64, device='cpu', num_workers=1),
            '`num_workers=2`': db.dataloaders(tmp/'m.fmm', bs=64, device='cpu', num_workers=2)}
     for d in dls.values(): epoch_rate(d.train)   # warm: every page read once
     warm, _ = interleaved({k: (lambda d=d: epoch_rate(d.train)) for k, d in dls.items()}, rounds)
@@ -143,18 +144,18 @@ def main():
     log(f"## 12 KiB items, bs 64, warm page cache ({n:,} items, median of {rounds} interleaved rounds)"); log()
     log('| loader | samples/s | × `num_workers=0` |'); log('|---|---:|---:|')
     for k, v in warm.items(): log(f'| {k} | {v:,.0f} | {v / base:.2f} |')
-    cold, _ = interleaved({k: (lambda d=dls[k]: epoch_rate(d.train, cold=True)) for k in ('`num_workers=0`', '`num_workers=2`')}, max(3, rounds // 2))
+    cold, _ = interleaved({k: (lambda d=dls[k]: epoch_rate(d.train, cold=True)) for k in dls}, max(3, rounds // 2))
     log(); log('## 12 KiB items, bs 64, cold page cache (files evicted before each epoch)'); log()
     log('| loader | samples/s | × `num_workers=0` |'); log('|---|---:|---:|')
     for k, v in cold.items(): log(f'| {k} | {v:,.0f} | {v / cold["`num_workers=0`"]:.2f} |')
     del dls; gc.collect()
 
     # 3: 1 MiB items
-    nl = 300 if a.quick else 600
+    nl = 300 if a.quick else 1200
     X = make_store(tmp/'l.fmm', (256, 1024), nl, seed=1)
     labels = MemmapStore(tmp/'l.fmm').column('label')
     ldls = {k: db.dataloaders(tmp/'l.fmm', bs=16, device='cpu', **kw) for k, kw in
-            (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=2', dict(num_workers=2)))}
+            (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=1', dict(num_workers=1)), ('num_workers=2', dict(num_workers=2)))}
     for d in ldls.values(): epoch_rate(d.train)
     st = ldls['defaults'].train.items.store
     idx = [np.sort(b) for b in np.array_split(np.random.default_rng(0).permutation(nl), nl // 16)]
@@ -185,9 +186,10 @@ def main():
             'fastai stock per-item, 0 workers': lambda: fit_s(stock_dls(X, labels, 16, 0), width),
             'fastai stock per-item, 2 workers': lambda: fit_s(stock_dls(X, labels, 16, 2), width),
             'fastai_memmap, `num_workers=0`': lambda: fit_s(ldls['num_workers=0'], width),
+            'fastai_memmap, `num_workers=1`': lambda: fit_s(ldls['num_workers=1'], width),
             'fastai_memmap, `num_workers=2`': lambda: fit_s(ldls['num_workers=2'], width),
             'fastai_memmap, defaults': lambda: fit_s(ldls['defaults'], width)}
-    t, _ = interleaved(comp, max(3, rounds // 2))
+    t, _ = interleaved(comp, rounds)
     c, l = t['compute only (batches from RAM)'], t['load only (iterating the loader, 0 workers)']
     log(); log(f"## Training: `learn.fit(1)` over the 1 MiB items, bs 16, a 1-D CNN of width {width} on one torch thread"); log()
     log('| epoch (training phase) | seconds | × max(compute, load) | × (compute + load) |'); log('|---|---:|---:|---:|')

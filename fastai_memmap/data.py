@@ -9,7 +9,7 @@ __all__ = ['MemmapItem', 'MemmapItemList', 'memmap_items', 'TensorMemmap', 'Memm
            'MemmapBlock']
 
 # %% ../nbs/05_data.ipynb #29878710
-import inspect, warnings
+import inspect, os, warnings
 import numpy as np, pandas as pd, torch
 
 from fastcore.basics import store_attr, patch
@@ -391,14 +391,20 @@ def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> _Batches:
     bs = self.bs or 1
     return _Batches(idxs, bs, len(idxs) // bs if self.drop_last else -(-len(idxs) // bs))
 
+def _threads(num_workers:int) -> int:
+    "Loading threads for `num_workers`: as many, but at most one less than the CPUs this process may use (the consumer loads too), and 1 at least"
+    if num_workers <= 0: return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(num_workers, cpus - 1))
+
 @patch
-def _load(self:MemmapDL, batches, n_threads:int):
-    "`batches` (int arrays of dataset items), each read in one go, in `n_threads` threads ahead of the consumer"
+def _load(self:MemmapDL, batches, num_workers:int):
+    "`batches` (int arrays of dataset items), each read in one go, in threads ahead of the consumer (`_threads(num_workers)` of them)"
     if self.advice: self._store.advise(self.advice)
     if hasattr(self._store, 'prefetch') and len(batches):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[batches.flat if isinstance(batches, _Batches) else np.concatenate(list(batches))]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(n_threads, self._depth())(self._read, batches)
+    return Prefetcher(_threads(num_workers), self._depth())(self._read, batches)
 
 @patch
 def _depth(self:MemmapDL) -> int:

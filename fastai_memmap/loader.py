@@ -12,7 +12,7 @@ import queue, sys, threading
 import numpy as np
 
 # %% ../nbs/04b_loader.ipynb #4b000007
-_STOP = object()
+_STOP, _NONE = object(), object()
 
 class _Failed:
     "An exception raised by a job, carried to the consumer"
@@ -34,6 +34,7 @@ class Prefetcher:
             for j in jobs: yield fn(j)
             return
         outs, credits, stop = [queue.SimpleQueue() for _ in range(n)], [queue.SimpleQueue() for _ in range(n)], []
+        claimed, lock = bytearray(len(jobs)), threading.Lock()   # who computes job i: 0 nobody yet, 1 its thread, 2 the consumer
         def work(k):
             have = 0
             try:
@@ -43,6 +44,9 @@ class Prefetcher:
                         if c is _STOP: return
                         have += c
                     if stop: return
+                    with lock:
+                        if claimed[i]: continue   # the consumer computed it itself
+                        claimed[i] = 1
                     have -= 1
                     outs[k].put(fn(jobs[i]))
             except BaseException as e: outs[k].put(_Failed(e))
@@ -50,13 +54,29 @@ class Prefetcher:
         for q in credits: q.put(self.depth)
         threads = [threading.Thread(target=work, args=(k,), name=f'fastai_memmap_{k}', daemon=True) for k in range(n)]
         for t in threads: t.start()
+        ahead, window = {}, n * self.depth   # results of jobs the consumer computed itself; how far ahead it may go
         try:
             for i in range(len(jobs)):
-                k = i % n
-                r = outs[k].get()
+                k, r, own = i % n, ahead.pop(i, _NONE), True
+                while r is _NONE:
+                    try:
+                        r, own = outs[k].get(block=False), False
+                        break
+                    except queue.Empty: pass
+                    with lock:   # not ready: rather than wait, compute the first job within reach that no thread has started
+                        j = claimed.find(0, i, min(len(jobs), i + window))
+                        if j >= 0: claimed[j] = 2
+                    if j < 0:   # all under way: wait for this one
+                        r, own = outs[k].get(), False
+                        break
+                    try: res = fn(jobs[j])
+                    except Exception as e: res = _Failed(e)   # raised at its place in the order
+                    if j == i: r = res
+                    else: ahead[j] = res
                 if type(r) is _Failed: raise r.e
-                owed[k] += 1
-                if owed[k] >= refill: credits[k].put(owed[k]); owed[k] = 0   # wake a thread for half its depth at once
+                if not own:
+                    owed[k] += 1
+                    if owed[k] >= refill: credits[k].put(owed[k]); owed[k] = 0   # wake a thread for half its depth at once
                 yield r
         finally:
             stop.append(True)
