@@ -44,9 +44,10 @@ def child_memmap(path:str, epoch:bool) -> dict:
     s0, t = status(), time.perf_counter()
     dls = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'),
                     splitter=RandomSplitter(seed=42)).dataloaders(path, bs=64, device='cpu')
-    r = dict(build_s=time.perf_counter() - t, n=len(dls.train_ds) + len(dls.valid_ds), threads=dls.train.fake_l.num_workers)
+    r = dict(build_s=time.perf_counter() - t, n=len(dls.train_ds) + len(dls.valid_ds))
     s1 = status()
     r.update(anon=s1['RssAnon'] - s0['RssAnon'], peak=s1['VmHWM'] - s0['VmHWM'], file=s1['RssFile'] - s0['RssFile'])
+    dls.train._plan(); r['threads'] = dls.train._loading_threads(dls.train.fake_l.num_workers)   # threads an epoch starts
     if epoch:
         peak, m, t = 0, 0, time.perf_counter()
         for i, (x, y) in enumerate(dls.train):
@@ -112,7 +113,7 @@ def main():
              "hold), growth during `dataloaders`, per item; peak: growth of `VmHWM`. Per loading thread: anonymous memory "
              "growth during a full shuffled epoch over the number of loading threads. The store's mapped pages (file-backed, "
              "page cache) are not counted there: after an epoch they are the whole store (last column).", '',
-             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | epoch order MiB | per loading thread MiB | epoch samples/s | `store.take` samples/s (1 thread) | mapped store after the epoch MiB |',
+             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | epoch order MiB | loader's extra during the epoch (per loading thread) MiB | epoch samples/s | `store.take` samples/s (1 thread) | mapped store after the epoch MiB |',
              '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     import shutil
     try:
@@ -123,7 +124,7 @@ def main():
             r = run_child('memmap', p, True, 3600)
             print('fastai_memmap', r, flush=True)
             if 'error' in r: lines.append(f"| {n:,} | fastai_memmap | {r['error']} | | | | | | | |")
-            else: lines.append(f"| {n:,} | fastai_memmap (defaults: {r['threads']} threads) | {r['build_s']:.1f} | {r['anon'] / r['n']:.1f} | "
+            else: lines.append(f"| {n:,} | fastai_memmap (defaults: {r['threads'] or 'no'} loading thread{'s' * (r['threads'] != 1)}{' besides the training loop' * bool(r['threads'])}) | {r['build_s']:.1f} | {r['anon'] / r['n']:.1f} | "
                                f"{r['peak'] / r['n']:.1f} | {r['order'] / MiB:,.0f} | {r['loader_extra'] / MiB:.1f} | {r['epoch_sps']:,.0f} | {r['take_sps']:,.0f} | {r['file_epoch'] / MiB:,.0f} |")
             if n <= a.stock_up_to:
                 s = run_child('stock', p, False, 1800)

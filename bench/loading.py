@@ -13,7 +13,7 @@ slows all of them alike), and the median round is kept:
 2. Cold page cache (every store file evicted with posix_fadvise(DONTNEED) before each epoch): `num_workers=0` and 2.
 3. Large items (1 MiB, 256x1024 float32), bs 16, warm: GB/s the default loader delivers, against this machine's
    memcpy bandwidth (numpy copy of 256 MiB, best of 5) and the store's own `take`.
-4. Training: `learn.fit(1)` over the large items with a model whose step costs about as much as loading its batch
+4. Training: `learn.fit(1)` over the large items, bs 64, with a model whose step costs about as much as loading its batch
    (calibrated in the run), torch on one thread (a core left for loading, as on a GPU machine): compute-only (the
    same batches from RAM), load-only (iterating the loader), stock fastai per-item DataBlock with 0 and 2 workers, and
    fastai_memmap with 0 and 2 loading threads; the training phase of the epoch is timed.
@@ -151,7 +151,7 @@ def main():
     del dls; gc.collect()
 
     # 3: 1 MiB items
-    nl = 300 if a.quick else 1200
+    nl = 600 if a.quick else 2400
     X = make_store(tmp/'l.fmm', (256, 1024), nl, seed=1)
     labels = MemmapStore(tmp/'l.fmm').column('label')
     ldls = {k: db.dataloaders(tmp/'l.fmm', bs=16, device='cpu', **kw) for k, kw in
@@ -172,9 +172,13 @@ def main():
         gbs = v * 2**20 / 1e9
         log(f'| {k} | {gbs:.1f} | {gbs / mc:.2f} |')
 
-    # 4: training
+    # 4: training, at bs 64 (at bs 16 fastai's own work per step, ~6 ms here, is 4x the batch's load)
+    tbs = 64
+    ldls = {k: db.dataloaders(tmp/'l.fmm', bs=tbs, device='cpu', **kw) for k, kw in
+            (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=1', dict(num_workers=1)), ('num_workers=2', dict(num_workers=2)))}
     mdl = ldls['num_workers=0']
-    load_s = len(mdl.train_ds) // 16 * 16 / np.median([epoch_rate(mdl.train) for _ in range(3)])
+    n_train = len(mdl.train_ds) // tbs * tbs
+    load_s = n_train / np.median([epoch_rate(mdl.train) for _ in range(3)])
     cdls = cached_dls(mdl.train)
     width = 1
     while True:   # widen the model until a compute-only epoch costs about what loading one does
@@ -182,16 +186,16 @@ def main():
         if c >= 0.9 * load_s or width >= 4096: break
         width = int(width * max(1.25, min(4, 0.95 * load_s / c)))
     comp = {'compute only (batches from RAM)': lambda: fit_s(cdls, width),
-            'load only (iterating the loader, 0 workers)': lambda: len(mdl.train_ds) // 16 * 16 / epoch_rate(mdl.train),
-            'fastai stock per-item, 0 workers': lambda: fit_s(stock_dls(X, labels, 16, 0), width),
-            'fastai stock per-item, 2 workers': lambda: fit_s(stock_dls(X, labels, 16, 2), width),
+            'load only (iterating the loader, 0 workers)': lambda: n_train / epoch_rate(mdl.train),
+            'fastai stock per-item, 0 workers': lambda: fit_s(stock_dls(X, labels, tbs, 0), width),
+            'fastai stock per-item, 2 workers': lambda: fit_s(stock_dls(X, labels, tbs, 2), width),
             'fastai_memmap, `num_workers=0`': lambda: fit_s(ldls['num_workers=0'], width),
             'fastai_memmap, `num_workers=1`': lambda: fit_s(ldls['num_workers=1'], width),
             'fastai_memmap, `num_workers=2`': lambda: fit_s(ldls['num_workers=2'], width),
             'fastai_memmap, defaults': lambda: fit_s(ldls['defaults'], width)}
     t, _ = interleaved(comp, rounds)
     c, l = t['compute only (batches from RAM)'], t['load only (iterating the loader, 0 workers)']
-    log(); log(f"## Training: `learn.fit(1)` over the 1 MiB items, bs 16, a 1-D CNN of width {width} on one torch thread"); log()
+    log(); log(f"## Training: `learn.fit(1)` over the 1 MiB items, bs {tbs}, a 1-D CNN of width {width} on one torch thread"); log()
     log('| epoch (training phase) | seconds | × max(compute, load) | × (compute + load) |'); log('|---|---:|---:|---:|')
     for k, v in t.items(): log(f'| {k} | {v:.2f} | {v / max(c, l):.2f} | {v / (c + l):.2f} |')
     import shutil; shutil.rmtree(tmp, ignore_errors=True)

@@ -192,6 +192,7 @@ def block_shuffle(n:int, block:int, window:int, rng:np.random.Generator) -> np.n
 class MemmapDL(TfmdDL):
     "A `TfmdDL` that reads each batch of a `MemmapBlock` in one vectorised read, in threads, when its pipeline allows"
     _warned = False
+    thread_min_bytes = int(os.environ.get('FASTAI_MEMMAP_THREAD_MIN_BYTES', 384 << 10))   # smaller batches: no loading threads (see `_load`)
     def __init__(self, dataset, bs:int=64, shuffle:bool=False,
                  shuffle_block=None,  # Items per block for a block-local shuffle, or 'shard' (blocks are shards); None: a full shuffle
                  shuffle_window:int=16,  # Blocks per window within which a block-local shuffle mixes items
@@ -404,7 +405,13 @@ def _load(self:MemmapDL, batches, num_workers:int):
     if hasattr(self._store, 'prefetch') and len(batches):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[batches.flat if isinstance(batches, _Batches) else np.concatenate(list(batches))]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(_threads(num_workers), self._depth())(self._read, batches)
+    return Prefetcher(self._loading_threads(num_workers), self._depth())(self._read, batches)
+
+@patch
+def _loading_threads(self:MemmapDL, num_workers:int) -> int:
+    "Threads an epoch reads in: none for batches under `thread_min_bytes` bytes, else `_threads(num_workers)`"
+    per_item = self._item_bytes or self._store.nbytes / max(1, len(self._store))   # ragged and sparse stores: on average
+    return _threads(num_workers) if (self.bs or 1) * per_item >= self.thread_min_bytes else 0
 
 @patch
 def _depth(self:MemmapDL) -> int:

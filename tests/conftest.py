@@ -2,6 +2,11 @@
 import logging, os, select, socket, time
 import pytest
 
+# Loading threads for batches of any size: the tests' items are small, and below MemmapDL.thread_min_bytes (384 KiB a
+# batch) an epoch is read without threads. Set before fastai_memmap is imported, and inherited by every subprocess and
+# notebook the tests start, so the thread path is what they check; test_threads.py checks the default rule itself.
+os.environ['FASTAI_MEMMAP_THREAD_MIN_BYTES'] = '0'
+
 BUCKET = 'fmm-test'
 
 @pytest.fixture(scope='module')

@@ -187,3 +187,23 @@ def test_ctrl_c_interrupts_training_and_stops_the_threads(tmp_path):
     finally: p.kill()
     assert p.returncode == 0, err[-2000:]
     assert 'interrupted; loading threads left: 0' in out, (out[-500:], err[-2000:])
+
+def test_small_batches_are_read_without_threads(tmp_path, monkeypatch):
+    "With the default `thread_min_bytes` (384 KiB), an epoch of small batches reads in the consumer's thread, one of large batches in loading threads; both as without threads"
+    from fastai_memmap.data import MemmapDL, _threads
+    monkeypatch.setattr(MemmapDL, 'thread_min_bytes', 384 << 10)   # the default (the test session sets 0)
+    def readers(dl):
+        names, read = [], dl._read
+        dl._read = lambda idx: (names.append(threading.current_thread().name), read(idx))[1]
+        try: batches = list(dl)
+        finally: del dl._read
+        return {n.startswith('fastai_memmap_') for n in names}, batches
+    for shape, bs, threaded in (((4,), 64, False), ((256, 64), 16, True)):   # 1 KiB and 1 MiB batches
+        X = np.random.default_rng(0).random((160, *shape), dtype=np.float32)
+        write_memmap(tmp_path/f'{shape}.fmm', X, meta={'label': np.arange(160) % 3}, progress=False)
+        db = DataBlock(blocks=(MemmapBlock, CategoryBlock), get_items=memmap_items, get_y=ColReader('label'), splitter=RandomSplitter(seed=0))
+        dl2, dl0 = (db.dataloaders(tmp_path/f'{shape}.fmm', bs=bs, num_workers=nw).train.new(shuffle=False) for nw in (2, 0))   # 8 batches
+        assert dl2._plan() and dl2._loading_threads(2) == (_threads(2) if threaded else 0)
+        who, b2 = readers(dl2)
+        assert (True in who) == threaded, (shape, who)
+        for u, v in zip(b2, list(dl0)): assert torch.equal(u[0], v[0]) and torch.equal(u[1], v[1])
