@@ -113,7 +113,7 @@ def main():
              "hold), growth during `dataloaders`, per item; peak: growth of `VmHWM`. Per loading thread: anonymous memory "
              "growth during a full shuffled epoch over the number of loading threads. The store's mapped pages (file-backed, "
              "page cache) are not counted there: after an epoch they are the whole store (last column).", '',
-             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | epoch order MiB | loader's extra during the epoch (per loading thread) MiB | epoch samples/s | `store.take` samples/s (1 thread) | mapped store after the epoch MiB |',
+             '| items | loader | `dataloaders` s | RssAnon growth B/item | peak growth B/item | epoch order MiB | extra memory of the loader during the epoch (per loading thread) MiB | epoch samples/s | `store.take` samples/s (1 thread) | mapped store after the epoch MiB |',
              '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     import shutil
     try:
