@@ -93,6 +93,7 @@ ids = np.concatenate([(x[:, 0].numpy().astype(np.int64) - 40000) // 4 for x in x
 res['u16'] = dict(dtypes=sorted({str(x.dtype) for x in xs}), exact=bool(np.array_equal(np.concatenate([x.numpy() for x in xs]), U[ids])),
                   n=len(ids), min=int(min(x.numpy().min() for x in xs)))
 json.dump(res, open(f'{out}/rank{rank}.json', 'w'))
+torch.distributed.barrier()   # every process done with its collectives before any tears gloo down
 torch.distributed.destroy_process_group()
 '''
 

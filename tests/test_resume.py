@@ -331,6 +331,7 @@ import json, sys, torch
 sys.path.insert(0, {tests!r})
 import test_resume
 for cfg in json.loads(sys.argv[1]): test_resume.train(cfg)   # one after the other, in the same processes and process group
+torch.distributed.barrier()   # every process done with its collectives before any tears gloo down
 torch.distributed.destroy_process_group()
 '''
 NB2 = N_TRAIN // 2 // BS   # training batches each of 2 processes reads an epoch: 9 (144 of its 145 items)
