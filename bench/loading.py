@@ -154,8 +154,9 @@ def main():
     nl = 600 if a.quick else 2400
     X = make_store(tmp/'l.fmm', (256, 1024), nl, seed=1)
     labels = MemmapStore(tmp/'l.fmm').column('label')
-    ldls = {k: db.dataloaders(tmp/'l.fmm', bs=16, device='cpu', **kw) for k, kw in
-            (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=1', dict(num_workers=1)), ('num_workers=2', dict(num_workers=2)))}
+    def large(bs): return {k: db.dataloaders(tmp/'l.fmm', bs=bs, device='cpu', **kw) for k, kw in
+                           (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=1', dict(num_workers=1)), ('num_workers=2', dict(num_workers=2)))}
+    ldls = large(16)
     for d in ldls.values(): epoch_rate(d.train)
     st = ldls['defaults'].train.items.store
     idx = [np.sort(b) for b in np.array_split(np.random.default_rng(0).permutation(nl), nl // 16)]
@@ -174,8 +175,7 @@ def main():
 
     # 4: training, at bs 64 (at bs 16 fastai's own work per step, ~6 ms here, is 4x the batch's load)
     tbs = 64
-    ldls = {k: db.dataloaders(tmp/'l.fmm', bs=tbs, device='cpu', **kw) for k, kw in
-            (('defaults', {}), ('num_workers=0', dict(num_workers=0)), ('num_workers=1', dict(num_workers=1)), ('num_workers=2', dict(num_workers=2)))}
+    ldls = large(tbs)
     mdl = ldls['num_workers=0']
     n_train = len(mdl.train_ds) // tbs * tbs
     load_s = n_train / np.median([epoch_rate(mdl.train) for _ in range(3)])

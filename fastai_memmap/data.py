@@ -13,6 +13,7 @@ import inspect, os, warnings
 import numpy as np, pandas as pd, torch
 
 from fastcore.basics import store_attr, patch
+from fastcore.parallel import num_cpus
 from fastai.torch_core import TensorBase, TensorCategory, to_device, retain_types
 from fastai.data.load import fa_collate
 from fastai.data.core import TfmdDL, show_batch, show_results, get_show_batch_func
@@ -394,9 +395,7 @@ def _batch_idxs(self:MemmapDL, idxs:np.ndarray) -> _Batches:
 
 def _threads(num_workers:int) -> int:
     "Loading threads for `num_workers`: as many, but at most one less than the CPUs this process may use (the consumer loads too), and 1 at least"
-    if num_workers <= 0: return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, min(num_workers, cpus - 1))
+    return max(1, min(num_workers, num_cpus() - 1)) if num_workers > 0 else 0
 
 @patch
 def _load(self:MemmapDL, batches, num_workers:int):
