@@ -33,6 +33,13 @@ def test_quarto_options():
     assert nb.cells[0].metadata['transient'] == {'remove_source': True} and nb.cells[0].outputs
     assert nb.cells[1].outputs == [] and 'transient' not in nb.cells[1].metadata
 
+def test_markdown_directives_are_not_text():
+    "A markdown cell's directives (the exported format spec's `#| export`, which nbdev writes as `#| export: true`) are dropped, not rendered as a heading"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell('#| export: true\n## Spec\n\nText.')]
+    render_docs._quarto_options(nb)
+    assert nb.cells[0].source == '## Spec\n\nText.'
+
 def test_drawing_cells():
     "A shown cell that calls a drawing function outside a def or lambda must show a picture"
     nb = nbformat.v4.new_notebook()

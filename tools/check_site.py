@@ -117,6 +117,8 @@ def check(out:Path) -> tuple:
         if links != order: problems.append(f'{page}: sidebar links {links}, expected {order}')
         active = [a['href'] for a in nav.select('li.active > a')]
         if active != [page]: problems.append(f'{page}: sidebar marks {active} as the current page')
+        for h in s.find_all(['h1', 'h2', 'h3', 'h4', 'h5', 'h6']):   # a cell directive (`#| export`) rendered as a heading
+            if h.get_text().lstrip().startswith('|'): problems.append(f'{page}: the heading {h.get_text().strip()!r} is a cell directive shown as text')
 
     # front page
     if 'index.html' not in site.pages or site.source.get('index.ipynb') != 'index.html':

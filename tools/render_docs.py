@@ -108,7 +108,8 @@ def _quarto_options(nb):
     cells = []
     for c in nb.cells:
         c.metadata.pop('execution', None)   # timings (execnb writes a number where the notebook schema wants a string)
-        if c.cell_type == 'markdown': c.source = _pandoc_attrs(c.source)
+        if c.cell_type == 'markdown':   # its cell directives (`#| export` on the format spec) are not text
+            c.source = _pandoc_attrs('\n'.join(l for l in c.source.splitlines() if not l.lstrip().startswith('#|')).strip('\n'))
         if c.cell_type == 'code':
             opts = _directives(c.source)
             c.source = '\n'.join(l for l in c.source.splitlines() if not l.lstrip().startswith('#|')).strip('\n')
