@@ -315,11 +315,16 @@ def create_batch(self:MemmapDL, b):
     return TfmdDL.create_batch(self, b)
 
 @patch
+def _pinned(self:MemmapDL) -> bool:
+    "Whether batches are gathered into page-locked memory: `pin_batches`, else `pin_memory` or a CUDA device"
+    return self.pin_batches if self.pin_batches is not None else self.pin_memory or (self.device is not None and self.device.type == 'cuda')
+
+@patch
 def _out(self:MemmapDL, n:int) -> tuple:
     "Where to gather `n` items: `(array, tensor)` pinned for a GPU, `(array, None)` reused for a large batch, or `(None, None)`"
     s = self._store
     if s.ragged or hasattr(s, 'read_batch'): return None, None
-    pin = self.pin_batches if self.pin_batches is not None else self.pin_memory or (self.device is not None and self.device.type == 'cuda')
+    pin = self._pinned()
     if not pin and n * self._item_bytes < _BUF_BYTES: return None, None   # small batches: a fresh array is fastest
     shape = (n, *s.item_shape)
     if pin and torch.cuda.is_available():
@@ -404,7 +409,8 @@ def _load(self:MemmapDL, batches, num_workers:int):
     if hasattr(self._store, 'prefetch') and len(batches):   # a remote store fetches the shards this epoch needs, in order
         order = self._shard_of[batches.flat if isinstance(batches, _Batches) else np.concatenate(list(batches))]
         self._store.prefetch(order[np.sort(np.unique(order, return_index=True)[1])].tolist())
-    return Prefetcher(self._loading_threads(num_workers), self._depth())(self._read, batches)
+    pf, g = Prefetcher(self._loading_threads(num_workers), self._depth()), self._group_size()
+    return pf(self._read, batches) if g == 1 else _flat(pf(self._read_group, _Groups(batches, g)))
 
 @patch
 def _loading_threads(self:MemmapDL, num_workers:int) -> int:
@@ -414,9 +420,9 @@ def _loading_threads(self:MemmapDL, num_workers:int) -> int:
 
 @patch
 def _depth(self:MemmapDL) -> int:
-    "Batches each loading thread reads ahead: `prefetch_factor`, or about 4 MiB of them (2 to 64)"
+    "Reads each loading thread makes ahead (a batch, or a group of small ones): `prefetch_factor`, or about 4 MiB of them (2 to 64)"
     if self.prefetch_factor: return self.prefetch_factor
-    return int(np.clip((4 << 20) // max(1, (self.bs or 1) * self._item_bytes), 2, 64))
+    return int(np.clip((4 << 20) // max(1, (self.bs or 1) * self._item_bytes * self._group_size()), 2, 64))
 
 @patch
 def _deliver(self:MemmapDL, b, after_batch):
@@ -455,6 +461,48 @@ def __iter__(self:MemmapDL):
             yield b
         self.after_iter()
     finally: self._epoch = outer
+
+# %% ../nbs/05_data.ipynb #5d00001e
+_GROUP_BYTES = 256 << 10   # batches smaller than this are read several at a time, about this many bytes a read
+
+@patch
+def _group_size(self:MemmapDL) -> int:
+    "Consecutive batches read as one: about `_GROUP_BYTES` of small fixed-shape batches (at most 64), else 1"
+    s = self._store
+    if s.ragged or hasattr(s, 'read_batch') or None in self._tfns or self._pinned(): return 1
+    return int(np.clip(_GROUP_BYTES // max(1, (self.bs or 1) * self._item_bytes), 1, 64))
+
+class _Groups:
+    "`batches` in runs of `g`: each run as its items end to end and the length of each of its batches"
+    def __init__(self, batches, g:int): self.batches, self.g = batches, g
+    def __len__(self): return -(-len(self.batches) // self.g)
+    def __getitem__(self, j):
+        if not 0 <= j < len(self): raise IndexError(f"group {j} of {len(self)}")
+        bt, a = self.batches, j * self.g
+        b = min(a + self.g, len(bt))
+        if isinstance(bt, _Batches):   # a run of an epoch's order: one view of it
+            idx = bt.idxs[(bt.start + a) * bt.bs:(bt.start + b) * bt.bs]
+            return idx, [bt.bs] * (b - a - 1) + [len(idx) - bt.bs * (b - a - 1)]
+        parts = [bt[i] for i in range(a, b)]
+        return np.concatenate(parts), [len(p) for p in parts]
+
+@patch
+def _read_group(self:MemmapDL, job) -> list:
+    "The batches of `job` (a `_Groups` item) in one read: a list of batches, each a view of that read"
+    idx, lens = job
+    b = self._read(idx)
+    types, plain = [type(t) for t in b], [t.as_subclass(torch.Tensor) for t in b]   # slices of fastai's tensor types cost far more
+    res, a = [], 0
+    for n in lens:
+        res.append(tuple(t[a:a + n].as_subclass(c) for t, c in zip(plain, types)))
+        a += n
+    return res
+
+def _flat(groups):
+    "The batches of each group in turn (closing the groups' generator when closed)"
+    try:
+        for grp in groups: yield from grp
+    finally: groups.close()
 
 # %% ../nbs/05_data.ipynb #5d00000d
 _DERIVED = ('_plan_key', '_fast', '_store', '_gidx', '_tfns', '_ytls', '_sizes', '_shards', '_bufs', '_item_bytes', '_epoch', '_resume')

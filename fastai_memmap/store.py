@@ -310,39 +310,46 @@ def take(self:MemmapStore, idxs, out:np.ndarray=None):
     idxs = np.asarray(idxs)
     if idxs.dtype != np.int64: idxs = idxs.astype(np.int64)
     if self.ragged: return [self._item(int(i)) for i in idxs]
-    n = len(idxs)
-    if n == 0:
-        res = np.empty((0, *self.item_shape), self.dtype) if out is None else out
+    n, starts = len(idxs), self._starts
+    if n == 0: return np.empty((0, *self.item_shape), self.dtype) if out is None else out
+    if len(starts) == 2: return self._gather(0, idxs, out)
+    if n > 1 and (idxs[1:] < idxs[:-1]).any():   # any order: read in store order, then rows back where asked
+        res = np.empty((n, *self.item_shape), self.dtype) if out is None else out
+        order = idxs.argsort(kind='stable')
+        res[order] = self._take_sorted(idxs[order])
         return res
-    if len(self._starts) == 2: return self._gather(0, idxs, out)
-    shard = np.searchsorted(self._starts, idxs, 'right') - 1
-    if shard[0] == shard[-1] and (shard == shard[0]).all(): return self._gather(int(shard[0]), idxs - self._starts[shard[0]], out)
-    res = np.empty((n, *self.item_shape), self.dtype) if out is None else out
-    cuts = np.flatnonzero(np.diff(shard)) + 1
-    if (np.diff(shard) >= 0).all():   # in store order (as batches are): each shard's rows straight into their place
-        for a, b in zip([0, *cuts], [*cuts, n]): self._gather(int(shard[a]), idxs[a:b] - self._starts[shard[a]], res[a:b])
-        return res
-    # any order: one read per shard, in shard order, then rows back in the order asked for
-    order = np.argsort(shard, kind='stable')
-    s_shard, s_idx = shard[order], idxs[order]
-    cuts = np.concatenate([[0], np.flatnonzero(np.diff(s_shard)) + 1, [n]])
-    res[order] = np.concatenate([self._gather(int(s_shard[a]), s_idx[a:b] - self._starts[s_shard[a]])
-                                 for a, b in zip(cuts[:-1], cuts[1:])])
+    return self._take_sorted(idxs, out)
+
+@patch
+def _take_sorted(self:MemmapStore, idxs:np.ndarray, out:np.ndarray=None):
+    "Items `idxs` (int64, in range, in store order) of a fixed-shape store: one copy per shard they fall in"
+    starts = self._starts   # shard k's rows are idxs[cut[k]:cut[k + 1]], k from the first item's shard to the last's
+    k0, k1 = (starts.searchsorted(idxs[[0, -1]], 'right') - 1).tolist()
+    if k0 == k1: return self._gather(k0, idxs - starts[k0], out)
+    res = np.empty((len(idxs), *self.item_shape), self.dtype) if out is None else out
+    cut = idxs.searchsorted(starts[k0:k1 + 2]).tolist()
+    ks = [k for k in range(k0, k1 + 1) if cut[k - k0] < cut[k - k0 + 1]]
+    for k in ks:   # one shard's map at a time: a batch over more shards than `max_open` holds no more maps than that
+        lo, hi = cut[k - k0], cut[k - k0 + 1]
+        _rows(self._open(k), idxs[lo:hi] - starts[k], res[lo:hi])
     return res
+
+def _rows(a:np.ndarray, local:np.ndarray, out:np.ndarray):
+    "Rows `local` of `a` straight into `out` (no temporary batch)"
+    if out.dtype == a.dtype and out.flags.c_contiguous: a.take(local, 0, out, 'clip')   # `clip`: in range already, and unbuffered
+    else: out[...] = a[local]
 
 @patch
 def _gather(self:MemmapStore, k, local, out=None):
-    "Rows `local` of shard `k` (into `out` if given): one slice copy for a contiguous run, else one fancy-index copy"
+    "Rows `local` of shard `k` (into `out` if given): one slice copy for a contiguous run, else one gather"
     mm = self._open(k)
     lo, hi = int(local[0]), int(local[-1])
-    if hi - lo + 1 == len(local) and (len(local) < 2 or (np.diff(local) == 1).all()):
+    if hi - lo + 1 == len(local) and (len(local) < 2 or (local[1:] - local[:-1] == 1).all()):
         if out is None: return np.array(mm[lo:hi + 1])
         out[...] = mm[lo:hi + 1]
         return out
     if out is None: return mm[local]   # a fresh array: fastest for small rows
-    if mm.strides[0] >= 1 << 16:   # large rows: each straight into `out`, no temporary batch
-        for j, i in enumerate(local.tolist()): out[j] = mm[i]
-    else: out[...] = mm[local]
+    _rows(mm, local, out)
     return out
 
 # %% ../nbs/03_store.ipynb #a1f0c3dc

@@ -93,3 +93,36 @@ def test_vocab_without_per_item_calls(store, monkeypatch):
     assert dls.vocab == sorted(set(meta.label)) and len(calls) < 10, len(calls)
     for xb, yb in dls.train: pass
     assert len(calls) < 10, len(calls)
+
+
+@pytest.mark.parametrize('nw', [0, 2])
+@pytest.mark.parametrize('target', ['category', 'regression'])
+def test_small_batches_read_in_groups_are_the_batches_read_one_by_one(tmp_path, nw, target):
+    "Small batches over a store of many shards, read several at a time: every batch (items, targets, types, the last partial one) is the one a batch-at-a-time read gives; fewer store reads"
+    from fastai.data.all import RegressionBlock
+    from fastai_memmap.data import TensorMemmap
+    n = 1003
+    X = np.arange(n * 3, dtype=np.float32).reshape(n, 3)   # item i holds 3i, 3i+1, 3i+2
+    p = tmp_path/'s.fmm'
+    write_memmap(p, X, meta=dict(label=np.arange(n) % 5, value=np.arange(n) / 7.0), shard_size=X[:100].nbytes, progress=False)
+    assert MemmapStore(p).n_shards == 11
+    blk, col = (CategoryBlock, 'label') if target == 'category' else (RegressionBlock, 'value')
+    dls = DataBlock(blocks=(MemmapBlock, blk), get_items=memmap_items, get_y=ColReader(col),
+                    splitter=RandomSplitter(seed=1)).dataloaders(p, bs=8, num_workers=nw)
+    store = dls.train.items.store
+    reads, take = [], store.take
+    store.take = lambda idxs, out=None: (reads.append(len(idxs)), take(idxs, out))[1]
+    for dl in (dls.train.new(drop_last=False), dls.valid):
+        dl._plan()
+        assert dl._group_size() == 64   # 8 items of 12 bytes a batch: 64 batches a read
+        one = dl.new(); one._plan(); one._group_size = lambda: 1
+        dl.rng.seed(5); one.rng.seed(5)
+        reads.clear(); grouped = list(dl); n_grouped = len(reads)
+        reads.clear(); single = list(one)
+        assert len(grouped) == len(single) == len(dl) and n_grouped == -(-len(dl) // 64) and len(reads) == len(dl)
+        for g, s in zip(grouped, single):
+            assert [type(t) for t in g] == [type(t) for t in s] and type(g[0]) is TensorMemmap
+            assert all(torch.equal(a, b) for a, b in zip(g, s))
+        assert len(grouped[-1][0]) == len(dl.dataset) % 8 or len(dl.dataset) % 8 == 0   # the last, partial batch
+        items = torch.cat([g[0][:, 0] for g in grouped]).long() // 3
+        assert sorted(items.tolist()) == sorted(dl.items.store_idxs.tolist())   # every item once

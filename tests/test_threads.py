@@ -114,8 +114,8 @@ def test_test_dl_get_preds_and_export(tmp_path):
 
 # -------------------------------------------------------------------------------- clean shutdown
 def test_break_stops_the_threads_and_the_next_epoch_is_whole(tmp_path):
-    labelled(tmp_path/'s.fmm', n=2000)
-    dls, _ = pair(tmp_path/'s.fmm', bs=16, prefetch_factor=2)   # 2 batches ahead per thread: the threads are still at work
+    labelled(tmp_path/'s.fmm', n=40000)   # 2000 batches of 16 small items, read in groups of 64 batches: 32 reads
+    dls, _ = pair(tmp_path/'s.fmm', bs=16, prefetch_factor=2)   # 2 reads ahead per thread: the threads are still at work
     dl = dls.train
     for i, b in enumerate(dl):
         if i == 0: assert 1 <= len(loading_threads()) <= 2
@@ -146,7 +146,7 @@ def test_exception_in_training_stops_the_threads(tmp_path):
     assert len(learn.recorder.losses) == len(dls.train)
 
 def test_error_in_a_loading_thread_reaches_the_training_loop(tmp_path):
-    labelled(tmp_path/'s.fmm', n=500)
+    labelled(tmp_path/'s.fmm', n=10000)   # 500 batches of 16 small items, read in groups of 64 batches: 8 reads
     dls, _ = pair(tmp_path/'s.fmm', bs=16)
     store = dls.train.items.store
     take = store.take

@@ -210,6 +210,10 @@ class _Inject:
         code = frame.f_code
         if not code.co_filename.startswith(PKG): return
         if self.only is not None and not (event == 'c_call' and arg is self.only): return
+        # A `with` block's normal exit calls `__exit__` with no signal check between the block's last call and it: a real
+        # interrupt lands inside the block (and `__exit__` runs) or after `__exit__`, never in between (a profile function
+        # raising there would leave, say, a lock held, which no signal can do)
+        if event == 'c_call' and getattr(arg, '__name__', None) == '__exit__': return
         self.n += 1
         if event == 'c_call' and arg is os.replace: self.commits.append(self.n)   # renames: the last one is the commit
         if self.n == self.k:
