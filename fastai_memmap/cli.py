@@ -103,7 +103,8 @@ def fmm_bench(
     from fastai_memmap.write import write_memmap
     from fastai_memmap.data import MemmapBlock, memmap_items
     item_shape = tuple(int(s) for s in shape.split(','))
-    path = Path(tempfile.mkdtemp())/'bench.fmm'
+    tmp = tempfile.TemporaryDirectory()   # the benchmark's store: removed at the end (or when the process ends, after an error)
+    path = Path(tmp.name)/'bench.fmm'
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, n)
     s = write_memmap(path, (rng.standard_normal(item_shape, np.float32) for _ in range(n)), meta={'label': y}, progress=False)
@@ -124,6 +125,7 @@ def fmm_bench(
                     ("fastai's stock per-item DataBlock", stock)]:
         print(f"  {name:52} {r:>12,.0f}  ({r / ceiling:.2f}x)")
     print(f"fastai_memmap is {ours / stock:.1f}x fastai's per-item path")
+    tmp.cleanup()
     return 0
 
 # %% ../nbs/12_cli.ipynb #bcae704b
