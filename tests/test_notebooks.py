@@ -15,5 +15,5 @@ def test_every_module_has_a_notebook():
 def test_notebook(nb, tmp_path):
     nbdev_test = Path(sys.executable).parent/'nbdev-test'
     r = subprocess.run([str(nbdev_test), str(nb), '--flags', 'slow'], cwd=nb.parent.parent, capture_output=True, text=True,
-                       env={'MPLBACKEND': 'Agg', **__import__('os').environ})
+                       env={'MPLBACKEND': 'Agg', **__import__('os').environ, 'TMPDIR': str(tmp_path)})   # its temporary files: pytest's, pruned
     assert r.returncode == 0 and 'Success' in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]

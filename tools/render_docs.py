@@ -64,9 +64,12 @@ def _execute(path:str, timeout:int) -> tuple:
     skip = [c for c in nb.cells if c.cell_type == 'code' and _directives(c.source).get('eval', '').lower() == 'false']
     for c in skip: c.metadata.setdefault('tags', []).append('skip-execution')
     err = None
-    try: NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(p.parent)}}).execute()
-    except CellExecutionError as e: err = str(e)
-    except Exception as e: err = f'{type(e).__name__}: {e}'
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as td:   # the kernel's temporary files: removed after it, whatever it left
+        os.environ['TMPDIR'] = td
+        try: NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(p.parent)}}).execute()
+        except CellExecutionError as e: err = str(e)
+        except Exception as e: err = f'{type(e).__name__}: {e}'
+        finally: del os.environ['TMPDIR']
     for c in skip: c.metadata['tags'].remove('skip-execution'); c.metadata.pop('tags') if not c.metadata['tags'] else None
     nbformat.write(nb, p)
     return p.name, time.time() - t, err
