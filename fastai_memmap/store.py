@@ -328,10 +328,8 @@ def _take_sorted(self:MemmapStore, idxs:np.ndarray, out:np.ndarray=None):
     if k0 == k1: return self._gather(k0, idxs - starts[k0], out)
     res = np.empty((len(idxs), *self.item_shape), self.dtype) if out is None else out
     cut = idxs.searchsorted(starts[k0:k1 + 2]).tolist()
-    ks = [k for k in range(k0, k1 + 1) if cut[k - k0] < cut[k - k0 + 1]]
-    for k in ks:   # one shard's map at a time: a batch over more shards than `max_open` holds no more maps than that
-        lo, hi = cut[k - k0], cut[k - k0 + 1]
-        _rows(self._open(k), idxs[lo:hi] - starts[k], res[lo:hi])
+    for k, lo, hi in zip(range(k0, k1 + 1), cut, cut[1:]):   # one shard's map at a time: never more maps held than `max_open`
+        if lo < hi: _rows(self._open(k), idxs[lo:hi] - starts[k], res[lo:hi])
     return res
 
 def _rows(a:np.ndarray, local:np.ndarray, out:np.ndarray):
